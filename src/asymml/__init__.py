@@ -1,0 +1,25 @@
+"""asymml: train and run CNNs with a trusted low-rank part and an untrusted accelerator residual part."""
+
+from .api import split
+from .decomposition import AdaptiveRank, FixedRank, RankList, RankSchedule, decompose, parse_rank
+from .errors import (
+    AsymmlError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    UnsupportedOperationError,
+    UntraceableModelError,
+)
+from .executors import Executor, LocalExecutor
+from .ledger import Ledger, Release
+from .runtime import SplitModule
+from .validate import ValidationReport, fix, validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "split", "SplitModule", "Executor", "LocalExecutor", "Ledger", "Release", "validate", "fix",
+    "ValidationReport", "decompose", "parse_rank", "FixedRank", "RankList", "RankSchedule", "AdaptiveRank",
+    "AsymmlError", "ConfigError", "InputError", "UnsupportedOperationError", "UntraceableModelError",
+    "CheckpointError",
+]

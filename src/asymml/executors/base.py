@@ -1,0 +1,93 @@
+"""The executor interface: how the trusted context talks to an (untrusted) accelerator.
+
+Modelled on CrypTen's communicator: one small interface, an in-process implementation
+(:class:`~asymml.executors.local.LocalExecutor`) and a remote one (the accelerator server). Everything
+crosses by value: the trusted side *releases* tensors (recorded in the ledger), ships public programs and
+parameters, and gets results back as tensors. No Python object is shared between the two sides.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ledger import Ledger
+from .ops import Instr
+
+
+@dataclass(frozen=True)
+class Handle:
+    """An opaque reference to a tensor held by the accelerator."""
+
+    id: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class BackwardRequest:
+    """What the trusted side wants back from a region's accelerator backward."""
+
+    grad_outputs: dict[str, Handle | None]
+    input_grads: list[str]        # residual inputs → the accelerator part of ∇X
+    param_grads: list[str]        # heavy weights → the R̃⋆δ_R term
+    value_grads: list[str]        # intermediate values → the accelerator part of δ at that point
+    values: list[str]             # intermediate residual values (public) the trusted side needs
+
+
+class Executor(ABC):
+    """An accelerator, reached asynchronously. Implementations must record releases in ``ledger``."""
+
+    ledger: Ledger
+    device: torch.device
+
+    # -- data that derives from private data
+    @abstractmethod
+    def release(self, tensor: Tensor, *, layer: str, kind: str) -> Handle:
+        """Hand ``tensor`` to the accelerator (by value). Every call is a release in the ledger."""
+
+    # -- region programs
+    @abstractmethod
+    def forward(
+        self,
+        key: int,
+        program: list[Instr],
+        inputs: dict[str, Handle],
+        params: dict[str, Tensor],
+        outputs: list[str],
+        *,
+        layer: str,
+        keep_graph: bool,
+        grad_params: tuple[str, ...] = (),
+    ) -> Future[dict[str, Tensor | None]]:
+        """Run ``program`` on the residual inputs; resolve to the named outputs (fetched back)."""
+
+    @abstractmethod
+    def backward(self, key: int, request: BackwardRequest) -> Future[dict[str, dict[str, Tensor | None]]]:
+        """Back-propagate released output gradients through the kept graph of forward ``key``."""
+
+    @abstractmethod
+    def free(self, key: int) -> None:
+        """Drop everything kept for forward ``key``."""
+
+    # -- whole-model execution (``plain`` mode)
+    def run_module(self, module: torch.nn.Module, inputs: tuple[Any, ...], *, layer: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} cannot run whole modules (plain mode)")
+
+    # -- profiling
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-layer accelerator time (s) and FLOPs since the last reset."""
+        return {}
+
+    def reset_stats(self) -> None:
+        pass
+
+    def set_profiling(self, on: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,207 @@
+"""Profiling: FLOPs (``torch.utils.flop_counter`` plus formulas for the decompositions it does not count),
+trusted peak memory (a dispatch-mode meter of live trusted tensors), and per-layer reports."""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+EPC_DEFAULT_BYTES = 128 * 2**20  # SGX1 client parts
+
+
+# ------------------------------------------------------------------------------------- FLOP formulas
+# FlopCounterMode counts matmuls and convolutions; the trusted side also runs QR, eigh and SVD. Standard
+# LAPACK operation counts (Golub & Van Loan), counted as 2 FLOPs per multiply-add like the rest.
+
+
+def _batch(shape: Any) -> int:
+    n = 1
+    for s in shape[:-2]:
+        n *= s
+    return n
+
+
+@register_flop_formula(torch.ops.aten.linalg_qr)
+def _qr_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = a_shape[-2], a_shape[-1]
+    k = min(m, n)
+    return _batch(a_shape) * int(2 * m * n * k - 2 * k**3 / 3 + 2 * m * n * k)  # factor + form Q
+
+
+@register_flop_formula(torch.ops.aten._linalg_eigh)
+def _eigh_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
+    n = a_shape[-1]
+    return _batch(a_shape) * 9 * n**3
+
+
+@register_flop_formula(torch.ops.aten._linalg_svd)
+def _svd_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = max(a_shape[-2:]), min(a_shape[-2:])
+    return _batch(a_shape) * (4 * m * n * n + 8 * n**3)
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[Any, int]:
+    """Run ``fn`` under a FlopCounterMode and return ``(result, flops)``."""
+    with FlopCounterMode(display=False) as fc:
+        out = fn(*args, **kwargs)
+    return out, fc.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------- memory meter
+
+
+class TrustedMemoryMeter(TorchDispatchMode):
+    """Peak bytes of live tensors created in the trusted context (the thread that enters the meter).
+
+    Every op output's storage is tracked until it is freed. Tensors handed to the accelerator are public
+    and may live outside the enclave: :meth:`mark_public` removes them from the count. Parameters and
+    their gradients are model state, counted only if created under the meter.
+    """
+
+    _active: threading.local = threading.local()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self._public: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = st.data_ptr()
+        if key == 0 or key in self.live or key in self._public:
+            return
+        nbytes = st.nbytes()
+        self.live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        n = self.live.pop(key, None)
+        if n is not None:
+            self.current -= n
+        self._public.discard(key)
+
+    def add(self, t: torch.Tensor) -> None:
+        """Count a tensor created outside the meter (e.g. the input batch)."""
+        self._track(t)
+
+    def mark_public(self, t: torch.Tensor) -> None:
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        n = self.live.pop(key, None)
+        if n is not None:
+            self.current -= n
+        self._public.add(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            self._track(t)
+        return out
+
+    def __enter__(self):
+        TrustedMemoryMeter._active.meter = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        TrustedMemoryMeter._active.meter = None
+        return super().__exit__(*exc)
+
+    @classmethod
+    def active(cls) -> TrustedMemoryMeter | None:
+        return getattr(cls._active, "meter", None)
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+@dataclass
+class LayerProfile:
+    layer: str
+    kind: str  # "split" | "trusted"
+    trusted_s: dict[str, float] = field(default_factory=dict)
+    accelerator_s: dict[str, float] = field(default_factory=dict)
+    trusted_flops: int = 0
+    accelerator_flops: int = 0
+    decompose_s: float = 0.0
+    rank: int | None = None
+    energy_ratio: float | None = None
+
+
+@dataclass
+class Profile:
+    """Per-layer trusted/accelerator time and FLOPs, trusted peak memory against the EPC budget."""
+
+    layers: list[LayerProfile]
+    trusted_peak_bytes: int | None
+    epc_bytes: int
+    released_bytes: dict[str, int]
+    blocked_s: float
+
+    @property
+    def total(self) -> dict[str, float]:
+        t = {"trusted_s": 0.0, "accelerator_s": 0.0, "trusted_flops": 0, "accelerator_flops": 0,
+             "decompose_s": 0.0}
+        for lp in self.layers:
+            t["trusted_s"] += sum(lp.trusted_s.values())
+            t["accelerator_s"] += sum(lp.accelerator_s.values())
+            t["trusted_flops"] += lp.trusted_flops
+            t["accelerator_flops"] += lp.accelerator_flops
+            t["decompose_s"] += lp.decompose_s
+        tf, af = t["trusted_flops"], t["accelerator_flops"]
+        t["trusted_flop_fraction"] = tf / (tf + af) if tf + af else 0.0
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [vars(lp) for lp in self.layers],
+            "total": self.total,
+            "trusted_peak_bytes": self.trusted_peak_bytes,
+            "epc_bytes": self.epc_bytes,
+            "within_epc": None if self.trusted_peak_bytes is None else self.trusted_peak_bytes <= self.epc_bytes,
+            "released_bytes": self.released_bytes,
+            "blocked_s": self.blocked_s,
+        }
+
+    def __getitem__(self, k: str) -> Any:  # dict-style access for convenience
+        return self.to_dict()[k]
+
+    def table(self) -> str:
+        rows = ["| layer | where | rank | R energy | trusted ms | accel ms | trusted MFLOP | accel MFLOP |",
+                "|---|---|---|---|---|---|---|---|"]
+        for lp in self.layers:
+            rows.append(
+                f"| {lp.layer} | {lp.kind} | {'' if lp.rank is None else lp.rank} | "
+                f"{'' if lp.energy_ratio is None else f'{lp.energy_ratio:.3f}'} | "
+                f"{1e3 * sum(lp.trusted_s.values()):.2f} | {1e3 * sum(lp.accelerator_s.values()):.2f} | "
+                f"{lp.trusted_flops / 1e6:.1f} | {lp.accelerator_flops / 1e6:.1f} |"
+            )
+        t = self.total
+        rows.append(f"| **total** | | | | {1e3 * t['trusted_s']:.2f} | {1e3 * t['accelerator_s']:.2f} | "
+                    f"{t['trusted_flops'] / 1e6:.1f} | {t['accelerator_flops'] / 1e6:.1f} |")
+        if self.trusted_peak_bytes is not None:
+            rows.append(f"\ntrusted peak {self.trusted_peak_bytes / 2**20:.1f} MiB of EPC {self.epc_bytes / 2**20:.0f} MiB")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float)

@@ -1,0 +1,184 @@
+"""Exactness: with noise off, split outputs and every parameter gradient equal the unsplit model's."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torchvision
+from conftest import compare_with_reference
+
+import asymml
+from asymml.models import get_model
+
+TOL = 1e-4
+
+# (backward, decomposition, rank) combinations rotated over the models so that every model sees both
+# backward modes and, across the suite, every decomposition and rank policy is exercised.
+COMBOS = [
+    ("protected", "power", "schedule"),
+    ("paper", "eigh", 4),
+    ("protected", "rsvd", "adaptive:0.1"),
+    ("paper", "svd", [1, 2, 3, 4]),
+    ("protected", "eigh", 3),
+    ("paper", "power", "adaptive:0.2"),
+]
+
+TORCHVISION = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+               "resnet18", "resnet34", "resnet50", "mobilenet_v2"]
+CIFAR = ["vgg11", "vgg16_bn", "resnet20"]
+
+
+def _tv(name: str) -> torch.nn.Module:
+    return torchvision.models.get_model(name, weights=None, num_classes=10)
+
+
+CASES = [(f"tv-{n}", lambda n=n: _tv(n)) for n in TORCHVISION] + [
+    (f"cifar-{n}", lambda n=n: get_model(n, num_classes=10)) for n in CIFAR
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_models_exact_float64(case: int, train: bool) -> None:
+    """Every supported architecture, BN in train and eval mode, both backward modes (float64: the
+    algorithm is exact, so only round-off of the unsplit model's own arithmetic remains)."""
+    name, make = CASES[case]
+    torch.manual_seed(case)
+    model = make().double().train(train)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for k in range(2):
+        backward, decomposition, rank = COMBOS[(2 * case + k + train) % len(COMBOS)]
+        m = copy.deepcopy(model)
+        out_err, grad_err, _, _ = compare_with_reference(m, x, backward=backward, decomposition=decomposition,
+                                                         rank=rank)
+        assert out_err <= TOL, (name, backward, decomposition, rank, out_err)
+        assert grad_err <= TOL, (name, backward, decomposition, rank, grad_err)
+
+
+@pytest.mark.parametrize("backward,decomposition,rank", list(itertools.product(
+    ["protected", "paper"], ["power", "eigh", "svd", "rsvd"], [2, "schedule", "adaptive:0.1", [1, 3]])))
+def test_full_matrix_float32_resnet20(backward: str, decomposition: str, rank) -> None:
+    """The full option matrix in float32 on a CIFAR ResNet-20 (eval-mode BN) at the 1e-4 bar."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    out_err, grad_err, _, _ = compare_with_reference(model, x, backward=backward, decomposition=decomposition,
+                                                     rank=rank)
+    assert out_err <= TOL and grad_err <= TOL, (out_err, grad_err)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+@pytest.mark.parametrize("backward", ["protected", "paper"])
+def test_float32_train_mode(name: str, backward: str) -> None:
+    """float32 with train-mode BatchNorm on well-conditioned batches (batch 8, 64×64)."""
+    torch.manual_seed(0)
+    model = _tv(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(8, 3, 64, 64)
+    out_err, grad_err, _, _ = compare_with_reference(model, x, backward=backward)
+    assert out_err <= TOL and grad_err <= TOL, (out_err, grad_err)
+
+
+@pytest.mark.parametrize("mode", ["trusted-only", "plain", "noise-only"])
+def test_other_modes_exact(mode: str) -> None:
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    out_err, grad_err, _, _ = compare_with_reference(model, x, mode=mode)
+    assert out_err <= TOL and grad_err <= TOL, (out_err, grad_err)
+
+
+@pytest.mark.parametrize("basis", ["batch", "sample"])
+def test_batch_shared_basis_exact(basis: str) -> None:
+    torch.manual_seed(0)
+    model = _tv("resnet18").eval()
+    x = torch.randn(4, 3, 48, 48)
+    out_err, grad_err, _, _ = compare_with_reference(model, x, basis=basis, rank="schedule")
+    assert out_err <= TOL and grad_err <= TOL, (out_err, grad_err)
+
+
+class _Zoo(torch.nn.Module):
+    """Grouped/dilated/strided convs, conv→conv chains, avg-pool, scalar scaling, two-operand adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)  # depthwise
+        self.c4 = nn.Conv2d(8, 16, 1)
+        self.c5 = nn.Conv2d(16, 16, (3, 1), stride=(1, 2), padding=(1, 0))
+        self.pool = nn.AvgPool2d(2)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 2, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = self.c2(a)
+        c = self.c3(b + a) * 0.5  # add of two split values, then a depthwise conv
+        d = self.c5(self.c4(c))  # linear chain without a merge
+        d = self.bn(d) + self.c4(c)
+        e = self.pool(torch.relu(d))
+        return self.fc(torch.flatten(e, 1))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("backward", ["protected", "paper"])
+@pytest.mark.parametrize("decomposition", ["power", "eigh"])
+def test_op_zoo_exact(train: bool, backward: str, decomposition: str) -> None:
+    torch.manual_seed(0)
+    model = _Zoo().double().train(train)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    out_err, grad_err, sm, _ = compare_with_reference(model, x, backward=backward, decomposition=decomposition,
+                                                      rank=2)
+    assert out_err <= 1e-10 and grad_err <= 1e-8, (out_err, grad_err)
+    assert any(len(r.nodes) >= 3 for r in sm.plan().regions), "linear chains must form multi-op regions"
+
+
+def test_sgd_momentum_training_matches() -> None:
+    """A few SGD+momentum steps give the same parameters as training the unsplit model."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10).double()
+    ref = copy.deepcopy(model)
+    sm = asymml.split(model, rank="schedule", backward="protected")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (4,), generator=g)
+        for m, o in ((sm, opt), (ref, opt_ref)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), n
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.double(), c.double(), rtol=1e-9, atol=1e-12), n
+
+
+def test_caller_model_untouched() -> None:
+    model = _tv("resnet18")
+    before = [(n, type(m), getattr(m, "inplace", None)) for n, m in model.named_modules()]
+    params = {n: id(p) for n, p in model.named_parameters()}
+    sm = asymml.split(model)
+    sm(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert [(n, type(m), getattr(m, "inplace", None)) for n, m in model.named_modules()] == before
+    assert {n: id(p) for n, p in model.named_parameters()} == params
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_inference_no_grad_matches() -> None:
+    torch.manual_seed(0)
+    model = _tv("resnet18").eval()
+    sm = asymml.split(model, rank="schedule")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = sm(x)
+        b = model(x)
+    assert float((a - b).norm() / b.norm()) <= TOL
