@@ -30,10 +30,13 @@ def _mechanism(noise: Any) -> Any:
         return noise
     if isinstance(noise, bool):
         raise ConfigError(f"invalid noise {noise!r}; pass a sigma (float), a NoiseConfig or a ReleaseMechanism")
-    if isinstance(noise, (int, float)):
-        noise = NoiseConfig(sigma=float(noise))
-    if isinstance(noise, dict):
-        noise = NoiseConfig(**noise)
+    try:
+        if isinstance(noise, (int, float)):
+            noise = NoiseConfig(sigma=float(noise))
+        if isinstance(noise, dict):
+            noise = NoiseConfig(**noise)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid noise: {e}") from None
     if not isinstance(noise, NoiseConfig):
         raise ConfigError(f"invalid noise {noise!r}; pass a sigma (float), a NoiseConfig or a ReleaseMechanism")
     try:

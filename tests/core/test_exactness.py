@@ -112,10 +112,10 @@ class _Zoo(torch.nn.Module):
         self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
         self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)  # depthwise
         self.c4 = nn.Conv2d(8, 16, 1)
-        self.c5 = nn.Conv2d(16, 16, (3, 1), stride=(1, 2), padding=(1, 0))
+        self.c5 = nn.Conv2d(16, 16, (3, 1), padding=(1, 0))
         self.pool = nn.AvgPool2d(2)
         self.bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16 * 4 * 2, 5)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
 
     def forward(self, x):
         a = torch.relu(self.c1(x))

@@ -1,0 +1,138 @@
+"""The privacy boundary, proved from the release ledger on real models and real photos."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import asymml
+from asymml.models import get_model
+from asymml.privacy import NoiseConfig
+
+PRIVATE = ("input", "residual", "activation", "grad_residual", "grad")
+
+
+def _capture(model, x, y, **kw):
+    """Run one training step of ``split(model, audit=True)``; return the split module and what the trusted
+    side held: raw input, every full activation and every full activation gradient."""
+    acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def fwd_hook(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor):
+                acts[name] = out.detach().clone()
+                if out.requires_grad:
+                    out.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
+        return hook
+
+    handles = [m.register_forward_hook(fwd_hook(n)) for n, m in model.named_modules() if n]
+    sm = asymml.split(model, audit=True, **kw)
+    out = sm(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return sm, out.detach(), acts, grads
+
+
+def _is_scaled_copy(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-3) -> bool:
+    """True if ``a`` equals ``c·b`` for some scalar ``c`` (per sample) up to ``tol`` relative error."""
+    if a.shape != b.shape:
+        return False
+    a2, b2 = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    for u, v in zip(a2, b2):
+        if v.norm() == 0:
+            continue
+        c = (u @ v) / (v @ v)
+        if (u - c * v).norm() <= tol * max(float(u.norm()), 1e-12) and u.norm() > 0:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name,backward", [("resnet18", "protected"), ("vgg11_bn", "protected"),
+                                           ("mobilenet_v2", "protected"), ("resnet18", "paper")])
+def test_no_private_tensor_released(name: str, backward: str, photo: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    x = torch.cat([photo, photo.flip(-1), photo.flip(-2)])  # real photos, batch 3
+    y = torch.tensor([1, 4, 7])
+    sm, logits, acts, grads = _capture(model, x, y, backward=backward)
+    ledger = sm.executor.ledger
+    private = [r for r in ledger if r.kind in PRIVATE]
+    assert private, "nothing was released: the split did not run"
+    assert {r.kind for r in private} <= {"residual", "grad_residual", "grad"}
+    for r in private:
+        t = r.tensor
+        assert not _is_scaled_copy(t, x), f"{r.layer}: raw input released"
+        for n, a in acts.items():
+            assert not _is_scaled_copy(t, a), f"{r.layer}: full activation of {n} released"
+        if backward == "protected":
+            assert r.kind != "grad"
+            for n, g in grads.items():
+                assert not _is_scaled_copy(t, g), f"{r.layer}: full activation gradient of {n} released"
+        # labels and logits never leave the trusted side
+        assert t.shape != logits.shape or not torch.allclose(t, logits)
+        assert not (t.dtype in (torch.int64, torch.int32))
+    # the executor never received integer tensors (labels) or anything with the logits' shape
+    assert all(r.shape != tuple(logits.shape) for r in ledger if r.kind != "weight")
+
+
+def test_input_release_energy_on_natural_photos() -> None:
+    """On natural photos the rank-1 input-layer release carries ≤ 10% of the input's energy."""
+    from skimage import data, transform
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    x = torch.stack([
+        torch.tensor(transform.resize(p, (64, 64), anti_aliasing=True), dtype=torch.float32).permute(2, 0, 1)
+        for p in photos
+    ])
+    model = torchvision.models.resnet18(num_classes=10)
+    sm = asymml.split(model, audit=True, input_rank=1)
+    with torch.no_grad():
+        sm(x)
+    rel = [r for r in sm.executor.ledger if r.layer == "input"]
+    assert len(rel) == 1 and rel[0].kind == "residual"
+    energy = rel[0].tensor.pow(2).sum((1, 2, 3)) / x.pow(2).sum((1, 2, 3))
+    assert float(energy.max()) <= 0.10, energy
+    assert torch.allclose(sm.release_stats()["input"]["energy_ratio"], energy, rtol=1e-4, atol=1e-7)
+
+
+def test_plain_mode_releases_input_and_trusted_only_releases_nothing() -> None:
+    model = get_model("resnet20", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    sm = asymml.split(model, mode="plain", audit=True)
+    sm(x).sum().backward()
+    assert [r.kind for r in sm.executor.ledger if r.kind != "weight"][0] == "input"
+    sm = asymml.split(model, mode="trusted-only", audit=True)
+    sm(x).sum().backward()
+    assert len(sm.executor.ledger) == 0
+
+
+def test_noise_only_releases_noised_whole_activations() -> None:
+    model = get_model("resnet20", num_classes=10)
+    x = torch.rand(2, 3, 32, 32)
+    sm = asymml.split(model, mode="noise-only", audit=True, noise=NoiseConfig(sigma=1.0, clip=1.0))
+    sm(x).sum().backward()
+    acts = [r for r in sm.executor.ledger if r.kind == "activation"]
+    assert acts and all(r.kind in ("activation", "grad_residual", "weight") for r in sm.executor.ledger)
+    first = acts[0].tensor
+    assert not _is_scaled_copy(first, x, tol=0.5)  # σ·c noise on a norm-≤c signal: far from the input
+
+
+def test_weights_released_once_per_value() -> None:
+    """Weights are public: sent when their value changes (once per optimizer step), not per call."""
+    model = get_model("resnet20", num_classes=10)
+    sm = asymml.split(model, audit=True, rank=2)  # every conv input split: every conv weight is sent
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        sm(x).sum().backward()
+        sm(x)  # a second forward with the same weights releases no weight again
+        opt.step()
+        opt.zero_grad()
+    w = [r for r in sm.executor.ledger if r.kind == "weight"]
+    n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert len(w) == 2 * n_conv
