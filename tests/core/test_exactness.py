@@ -96,8 +96,8 @@ def test_other_modes_exact(mode: str) -> None:
 @pytest.mark.parametrize("basis", ["batch", "sample"])
 def test_batch_shared_basis_exact(basis: str) -> None:
     torch.manual_seed(0)
-    model = _tv("resnet18").eval()
-    x = torch.randn(4, 3, 48, 48)
+    model = _tv("resnet18").eval().double()  # float64: the conv1 gradient of a random net cancels heavily
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
     out_err, grad_err, _, _ = compare_with_reference(model, x, basis=basis, rank="schedule")
     assert out_err <= TOL and grad_err <= TOL, (out_err, grad_err)
 

@@ -1,0 +1,131 @@
+"""Markdown tables and the PNG chart of ``asymml bench``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+MiB = 2**20
+
+
+def _f(v: Any, fmt: str = ".2f", none: str = "–") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def _key(r: Mapping[str, Any]) -> tuple:
+    return (r["model"], r["input_size"], r["batch_size"], r["phase"], r.get("sweep_value"))
+
+
+def _iqr(r: Mapping[str, Any], k: str) -> str:
+    s = r.get("spread", {}).get(k)
+    if not s:
+        return ""
+    return f" ±{50 * s['rel_iqr']:.0f}%"
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """Three tables (runs, derived figures, trusted-time breakdown) and the definitions used."""
+    runs = result["runs"]
+    env = result.get("environment", {})
+    out = [f"## asymml bench — accelerator `{env.get('accelerator', '?')}`, torch {env.get('torch', '?')}, "
+           f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs", ""]
+    sweep = any(r.get("sweep_value") is not None for r in runs)
+    sv_h = "| sweep " if sweep else ""
+    out += [f"{sv_h}| model | input | batch | phase | mode | trusted ms | accel ms | step ms | trusted GFLOP | "
+            "trusted FLOP % | trusted peak MiB | resident MiB / EPC | released MiB/step |",
+            "|" + "---|" * (13 + sweep)]
+    for r in runs:
+        sv = f"| {r.get('sweep_value')} " if sweep else ""
+        frac = r.get("trusted_flop_fraction")
+        out.append(
+            f"{sv}| {r['model']} | {r['input_size']} | {r['batch_size']} | {r['phase']} | {r['label']} | "
+            f"{1e3 * r['trusted_s']:.1f}{_iqr(r, 'trusted_s')} | {1e3 * r['accelerator_s']:.1f} | "
+            f"{1e3 * r['step_s']:.1f}{_iqr(r, 'step_s')} | {r['trusted_flops'] / 1e9:.3f} | "
+            f"{_f(None if frac is None else 100 * frac, '.1f')} | {r['trusted_peak_bytes'] / MiB:.1f} | "
+            f"{r['trusted_resident_bytes'] / MiB:.1f} / {r['epc_bytes'] / MiB:.0f}"
+            f"{'' if r['resident_within_epc'] else ' ⚠'} | {r['released_bytes'] / MiB:.2f} |"
+        )
+    der = result.get("derived", [])
+    if der:
+        ratio = der[0].get("speed_ratio")
+        out += ["", f"{sv_h}| model | input | batch | phase | backward | trusted speed-up | limit (FLOPs) | "
+                f"efficiency | fwd-conv limit (analytic) | asym ÷ plain | e2e speed-up | "
+                f"projected speed-up (ratio {ratio:g}) |", "|" + "---|" * (12 + sweep)]
+        for d in der:
+            sv = f"| {d.get('sweep_value')} " if sweep else ""
+            out.append(
+                f"{sv}| {d['model']} | {d['input_size']} | {d['batch_size']} | {d['phase']} | "
+                f"{d['backward'] or '–'} | {_f(d['trusted_speedup'])}× | {_f(d['limit'])}× | "
+                f"{_f(d['efficiency'])} | {_f(d['limit_fwd_conv_analytic'])}× | {_f(d['asym_vs_plain'])} | "
+                f"{_f(d['end_to_end_speedup'])}× | {_f(d['projected_speedup'])}× |"
+            )
+    split = [r for r in runs if r["mode"] in ("asym", "noise-only") and r.get("breakdown")]
+    if split:
+        out += ["", f"Trusted time of the split modes, ms (last timed step):", "",
+                f"{sv_h}| model | input | batch | phase | mode | decompose | split fwd (excl. decompose) | "
+                "split bwd | trusted ops fwd | other (autograd of trusted ops, loss, glue) | blocked |",
+                "|" + "---|" * (11 + sweep)]
+        for r in split:
+            b = r["breakdown"]
+            sv = f"| {r.get('sweep_value')} " if sweep else ""
+            out.append(
+                f"{sv}| {r['model']} | {r['input_size']} | {r['batch_size']} | {r['phase']} | {r['label']} | "
+                + " | ".join(f"{1e3 * b.get(k, 0.0):.1f}" for k in
+                             ("decompose_s", "split_forward_s", "split_backward_s", "trusted_ops_forward_s",
+                              "other_s"))
+                + f" | {1e3 * r['blocked_s']:.1f} |"
+            )
+    defs = result.get("definitions")
+    if defs:
+        out += ["", "Definitions:", ""] + [f"* **{k}**: {v}" for k, v in defs.items()]
+    return "\n".join(out) + "\n"
+
+
+def plot_chart(result: Mapping[str, Any], path: str) -> str:
+    """One row per (model, input, batch, phase): time per side, trusted memory vs EPC, released bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(_key(r), []).append(r)
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(n, 3, figsize=(16, 3.6 * n), squeeze=False)
+    for row, (key, rs) in enumerate(groups.items()):
+        model, size, batch, phase, sv = key
+        title = f"{model} {size}×{size} b{batch} {phase}" + ("" if sv is None else f" [{sv}]")
+        labels = [r["label"] for r in rs]
+        xs = range(len(rs))
+        ax = axes[row][0]
+        w = 0.27
+        for j, (k, name) in enumerate((("trusted_s", "trusted"), ("accelerator_s", "accelerator"),
+                                       ("step_s", "end-to-end"))):
+            vals = [1e3 * r[k] for r in rs]
+            errs = [[1e3 * (r[k] - r["spread"][k]["q1"]) for r in rs], [1e3 * (r["spread"][k]["q3"] - r[k])
+                                                                       for r in rs]]
+            ax.bar([x + (j - 1) * w for x in xs], vals, w, yerr=errs, label=name, capsize=2)
+        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
+        ax.set_ylabel("ms per step (median, IQR)")
+        ax.set_title(title + ": time")
+        ax.legend(fontsize=7)
+        ax = axes[row][1]
+        ax.bar([x - 0.2 for x in xs], [r["trusted_peak_bytes"] / 2**20 for r in rs], 0.4, label="peak (step)")
+        ax.bar([x + 0.2 for x in xs], [r["trusted_resident_bytes"] / 2**20 for r in rs], 0.4,
+               label="peak + weights")
+        ax.axhline(rs[0]["epc_bytes"] / 2**20, color="red", linestyle="--", label="EPC budget")
+        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
+        ax.set_ylabel("trusted MiB")
+        ax.set_title("trusted memory")
+        ax.legend(fontsize=7)
+        ax = axes[row][2]
+        ax.bar(list(xs), [r["released_bytes"] / 2**20 for r in rs], color="tab:purple")
+        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
+        ax.set_ylabel("MiB per step")
+        ax.set_title("released to the accelerator (private-derived)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,145 @@
+"""``asymml bench``: plain, trusted-only, asym (both backward modes) and noise-only side by side.
+
+Example: ``asymml bench --model vgg16 --input-size 224 --batch-size 32 --json out.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _csv(kind: type = str):
+    def parse(s: str) -> list[Any]:
+        try:
+            return [kind(v.strip()) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {s!r}") from None
+
+    return parse
+
+
+def _flat(xs: list[list[Any]] | None, default: list[Any]) -> list[Any]:
+    if not xs:
+        return default
+    return [v for x in xs for v in x]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark plain / trusted-only / asym / noise-only side by side",
+        description="Measure every execution mode in one process, interleaved, with warm-up and repeats: "
+                    "trusted-side time, accelerator time, end-to-end step time, trusted FLOPs, trusted peak "
+                    "memory vs the EPC budget, bytes released per step, and the derived speed-ups. Writes a "
+                    "JSON file, a markdown table (stdout) and a PNG chart.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--model", action="append", type=_csv(), metavar="NAME[,NAME…]",
+                   help="model(s): CIFAR-style (vgg11…19[_bn], resnet20/32/56…) or torchvision names "
+                        "(resnet18…); from 128 px on, vgg names mean torchvision's ImageNet VGG; "
+                        "force with cifar:NAME / tv:NAME [default: resnet20]")
+    g.add_argument("--input-size", action="append", type=_csv(int), metavar="PX[,PX…]",
+                   help="square input size(s) [default: 32]")
+    g.add_argument("--batch-size", action="append", type=_csv(int), metavar="B[,B…]",
+                   help="batch size(s) [default: 32]")
+    g.add_argument("--phase", choices=("train", "infer", "both"), default="both")
+    g.add_argument("--modes", type=_csv(), default=["plain", "trusted-only", "asym", "noise-only"],
+                   help="modes to run (comma-separated)")
+    g.add_argument("--backward", type=_csv(), default=["protected", "paper"],
+                   help="backward mode(s) of asym in training")
+    g.add_argument("--num-classes", type=int, default=None, help="default: 10 (CIFAR-style), 1000 (torchvision)")
+    g.add_argument("--width", type=float, default=1.0, help="channel width multiplier (CIFAR-style models)")
+    g.add_argument("--optimizer-step", action="store_true", help="include an SGD step in each training step")
+    s = p.add_argument_group("split settings")
+    s.add_argument("--rank", default="schedule", help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]]")
+    s.add_argument("--decomposition", default="power", choices=("power", "eigh", "svd", "rsvd"))
+    s.add_argument("--iters", type=int, default=2, help="power-iteration rounds")
+    s.add_argument("--basis", default="sample", choices=("sample", "batch"))
+    s.add_argument("--input-rank", default="1", help="rank of the raw input ('none': use --rank)")
+    s.add_argument("--grad-rank", default=None, help="rank of gradient decompositions (protected backward)")
+    s.add_argument("--no-warm-start", action="store_true", help="do not warm-start power iterations")
+    s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode")
+    s.add_argument("--asym-sigma", type=float, default=None, help="also noise asym's releases (default: no noise)")
+    s.add_argument("--clip", type=float, default=1.0, help="per-sample clip bound of noised releases")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median and IQR reported)")
+    m.add_argument("--warmup", type=int, default=1, help="un-timed steps per mode first")
+    m.add_argument("--device", default="auto", help="accelerator device: auto (cuda if present), cpu, cuda[:N]")
+    m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    m.add_argument("--speed-ratio", type=float, default=10.0,
+                   help="accelerator-to-TEE speed ratio of the projected speed-up")
+    m.add_argument("--epc-mib", type=float, default=128, help="trusted memory budget (EPC), MiB")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--layers", action="store_true", help="add per-layer profiles of the split modes to the JSON")
+    m.add_argument("--sweep", default=None, metavar="PARAM=V1,V2,…",
+                   help="scaling sweep over batch, input or rank (log-log plot and growth exponents)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="FILE", help="write the full results as JSON")
+    o.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the markdown tables to FILE [default: next to --json]")
+    o.add_argument("--plot", default=None, metavar="FILE",
+                   help="PNG chart [default: next to --json, else asymml-bench.png]; 'none' to skip")
+    o.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from ..bench import BenchConfig
+
+    phases = ("train", "infer") if args.phase == "both" else (args.phase,)
+    ir = None if str(args.input_rank).lower() == "none" else int(args.input_rank)
+    return BenchConfig(
+        models=_flat(args.model, ["resnet20"]), input_sizes=_flat(args.input_size, [32]),
+        batch_sizes=_flat(args.batch_size, [32]), phases=phases, modes=tuple(args.modes),
+        backwards=tuple(args.backward), rank=args.rank, decomposition=args.decomposition, iters=args.iters,
+        basis=args.basis, input_rank=ir, grad_rank=args.grad_rank, warm_start=not args.no_warm_start,
+        repeats=args.repeats, warmup=args.warmup, device=args.device, speed_ratio=args.speed_ratio,
+        noise_sigma=args.noise_sigma, clip=args.clip, asym_sigma=args.asym_sigma,
+        epc_bytes=int(args.epc_mib * 2**20), num_classes=args.num_classes, width=args.width,
+        optimizer_step=args.optimizer_step, seed=args.seed, layers=args.layers,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import markdown, parse_sweep, plot_chart, plot_sweep, run_bench, run_sweep
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be ≥ 1")
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    cfg.validate()
+    log = (lambda s: None) if args.quiet else None
+    if args.sweep:
+        param, values = parse_sweep(args.sweep)
+        result = run_sweep(cfg, param, values, log)
+    else:
+        result = run_bench(cfg, log)
+    table = markdown(result)
+    sys.stdout.write(table)
+    stem = os.path.splitext(args.json)[0] if args.json else None
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=float)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    md = args.markdown or (f"{stem}.md" if stem else None)
+    if md:
+        Path(md).write_text(table)
+        print(f"wrote {md}", file=sys.stderr)
+    plot = args.plot or (f"{stem}.png" if stem else "asymml-bench.png")
+    if plot.lower() != "none":
+        plot_chart(result, plot)
+        print(f"wrote {plot}", file=sys.stderr)
+        if "sweep" in result:
+            sp = os.path.splitext(plot)[0] + "-sweep.png"
+            plot_sweep(result, sp)
+            print(f"wrote {sp}", file=sys.stderr)
+    return 0

@@ -1,0 +1,182 @@
+"""Checkpoints: atomic writes, safe loading, RNG state capture, compatibility checks.
+
+A checkpoint is a ``torch.save`` dict loadable with ``weights_only=True`` (only tensors, numbers, strings,
+lists and dicts): the user model's ``state_dict`` (an ordinary PyTorch one), optimizer, scheduler, every
+random-number generator (torch, CUDA, numpy, python, and the split module's decomposition and noise
+generators), the power-iteration warm-start bases, the noise mechanism's adaptive state, the privacy
+accountant, the epoch/step reached, the metrics history and the configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from .config import TrainConfig, config_diff
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "atomic_save",
+    "capture_rng",
+    "check_compatible",
+    "find_checkpoint",
+    "load_checkpoint",
+    "restore_rng",
+    "split_state",
+    "load_split_state",
+]
+
+FORMAT = "asymml-train-checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``: a reader (or a
+    crash) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: the file itself, or ``checkpoint.pt`` in a run directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise CheckpointError(f"no checkpoint at {str(p)!r}")
+    return p
+
+
+def read_file(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU; an unreadable file raises CheckpointError."""
+    p = find_checkpoint(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, pickle with unsafe globals...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable checkpoint (corrupt, truncated or not written by torch.save): "
+            f"{reason[:200]}"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read an asymml training checkpoint; refuse corrupt files and other kinds of file clearly."""
+    ckpt = read_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not an asymml training checkpoint"
+            + (" (it looks like a bare state_dict: evaluate it with `asymml eval FILE --model NAME`)"
+               if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+               else "")
+        )
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{str(path)!r}: checkpoint version {ckpt.get('version')!r} is not supported "
+                              f"(this asymml reads version {VERSION})")
+    missing = [k for k in ("config", "model", "epoch", "step_in_epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is incomplete: missing {', '.join(missing)}")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, path: str | Path) -> None:
+    """Refuse to resume ``ckpt`` under a configuration that trains something else; say what differs."""
+    diffs = config_diff(ckpt["config"], cfg.to_dict())
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is from another model/configuration: " + "; ".join(diffs)
+            + ". Resume with the checkpoint's options (omit them: they are read from the checkpoint) "
+            "or start a new run in another --out directory"
+        )
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of torch's (CPU and CUDA), numpy's and python's global generators (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------ split module state
+
+_MECH_ATTRS = ("_clip_state", "_norms", "_multipliers", "_counts")
+
+
+def split_state(sm: Any) -> dict[str, Any]:
+    """The split module's own random/adaptive state: decomposition and noise generators, warm-start
+    bases, and the noise mechanism's adaptive clip, norm history and release counts."""
+    state: dict[str, Any] = {}
+    for name in ("_gen", "_noise_gen"):
+        gen = getattr(sm, name, None)
+        if isinstance(gen, torch.Generator):
+            state[name] = gen.get_state()
+    warm = getattr(sm, "_warm", None)
+    if isinstance(warm, dict):
+        state["_warm"] = {k: v.detach().cpu().clone() for k, v in warm.items()}
+    mech = getattr(sm, "mechanism", None)
+    if mech is not None:
+        state["mechanism"] = {a: dict(getattr(mech, a)) for a in _MECH_ATTRS if isinstance(getattr(mech, a, None), dict)}
+    return state
+
+
+def load_split_state(sm: Any, state: dict[str, Any]) -> None:
+    """Undo :func:`split_state`."""
+    for name in ("_gen", "_noise_gen"):
+        if name in state and isinstance(getattr(sm, name, None), torch.Generator):
+            getattr(sm, name).set_state(state[name])
+    if "_warm" in state and isinstance(getattr(sm, "_warm", None), dict):
+        sm._warm.clear()
+        sm._warm.update(state["_warm"])
+    mech = getattr(sm, "mechanism", None)
+    if mech is not None and "mechanism" in state:
+        for a, v in state["mechanism"].items():
+            current = getattr(mech, a, None)
+            if isinstance(current, dict):
+                current.clear()
+                current.update(v)

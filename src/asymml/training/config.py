@@ -1,0 +1,522 @@
+"""Training configuration: one table of options drives the command line, config files and checkpoints.
+
+Every option of ``asymml train`` is an :class:`Option` in :data:`OPTIONS`; :class:`TrainConfig` has one
+field per option with the same name (dashes become underscores).  A YAML or TOML file may set any of
+them (``--config FILE``); command-line values win over the file, the file wins over the defaults.  Values
+from a file go through the same converters as the command line, so a bad value gives the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "OPTIONS",
+    "RUNTIME_FIELDS",
+    "TrainConfig",
+    "add_options",
+    "config_diff",
+    "load_config_file",
+    "resolve_config",
+]
+
+MODES = ("asym", "plain", "trusted-only", "noise-only")
+SCHEDULERS = ("cos", "step", "none")
+DECOMPOSITIONS = ("power", "eigh", "svd", "rsvd")
+BASES = ("sample", "batch")
+BACKWARDS = ("protected", "paper")
+ACCOUNTANTS = ("rdp", "prv")
+DEFAULT_CIFAR_WIDTH = 0.25
+
+
+# ----------------------------------------------------------------------------------- value converters
+# Each takes the raw value (a string from the command line, or any YAML/TOML scalar) and returns the typed
+# value or raises ValueError with a message fit for the user.
+
+
+def _number(value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and value != out:
+        raise ValueError(f"expected an integer, got {value!r}")
+    if kind is float and not math.isfinite(out):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return out
+
+
+def positive_int(value: Any) -> int:
+    v = _number(value, int)
+    if v < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return v
+
+
+def nonneg_int(value: Any) -> int:
+    v = _number(value, int)
+    if v < 0:
+        raise ValueError(f"must be an integer >= 0, got {value!r}")
+    return v
+
+
+def positive_float(value: Any) -> float:
+    v = _number(value, float)
+    if v <= 0:
+        raise ValueError(f"must be a number > 0, got {value!r}")
+    return v
+
+
+def nonneg_float(value: Any) -> float:
+    v = _number(value, float)
+    if v < 0:
+        raise ValueError(f"must be a number >= 0, got {value!r}")
+    return v
+
+
+def unit_interval(value: Any) -> float:
+    v = _number(value, float)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"must be in (0, 1), got {value!r}")
+    return v
+
+
+def momentum_value(value: Any) -> float:
+    v = _number(value, float)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+    return v
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        v = str(value).strip().lower() if isinstance(value, str) else value
+        if v not in allowed:
+            raise ValueError(f"invalid choice {value!r} (choose from {', '.join(allowed)})")
+        return v
+
+    conv.__name__ = "choice"
+    return conv
+
+
+def rank_spec(value: Any) -> str:
+    """A rank policy as text: ``8``, ``2,4,8``, ``schedule[:S:G:CAP]``, ``adaptive[:TAU[:MAX]]``."""
+    from ..decomposition import parse_rank
+
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"invalid rank {value!r}")
+    s = str(value).strip().lower()
+    try:
+        parse_rank(s)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return s
+
+
+def clip_spec(value: Any) -> str | float:
+    """A clip bound: a number > 0, ``auto`` or ``auto:q``."""
+    from ..privacy.noise import parse_clip
+
+    if isinstance(value, str) and not value.strip().lower().startswith("auto"):
+        value = _number(value, float)
+    fixed, _ = parse_clip(value)
+    return fixed if fixed is not None else str(value).strip().lower()
+
+
+def device_spec(value: Any) -> str:
+    s = text(value).strip().lower()
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", s):
+        raise ValueError(f"invalid device {value!r} (choose from cpu, cuda, cuda:N, auto)")
+    return s
+
+
+def path_text(value: Any) -> str:
+    return str(Path(text(value)).expanduser())
+
+
+def flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``conv`` that also accepts ``none``/``null`` (→ None)."""
+
+    def wrapped(value: Any) -> Any:
+        if value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None
+        return conv(value)
+
+    wrapped.__name__ = getattr(conv, "__name__", "value")
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its field name, converter, default, help and command-line group."""
+
+    name: str
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    group: str
+    metavar: str | None = None
+    is_flag: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _o(name: str, convert: Callable[[Any], Any], default: Any, help: str, group: str, **kw: Any) -> Option:
+    return Option(name, convert, default, help, group, **kw)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # model and data
+    _o("model", text, "vgg11_bn", "vgg11/13/16/19[_bn], resnet20/32/44/56/110, or any torchvision "
+       "classification model (resnet18, mobilenet_v2, ...; 'tv:NAME' forces torchvision)", "model and data",
+       metavar="NAME"),
+    _o("width", optional(positive_float), None, f"channel-width multiplier of the CIFAR-style models "
+       f"(default {DEFAULT_CIFAR_WIDTH}: a narrow network that trains in minutes on a CPU)", "model and data",
+       metavar="W"),
+    _o("dataset", choice("digits", "photos", "synthetic", "cifar10", "cifar100", "imagenet"), "digits",
+       "digits, photos, synthetic (offline); cifar10, cifar100, imagenet (files under --data-dir)",
+       "model and data", metavar="NAME"),
+    _o("data_dir", optional(path_text), None, "where CIFAR/ImageNet files are (default $ASYMML_DATA or "
+       "~/.cache/asymml/data)", "model and data", metavar="DIR"),
+    _o("download", flag, False, "allow torchvision to download CIFAR (never done otherwise)",
+       "model and data", is_flag=True),
+    _o("image_size", optional(positive_int), None, "input size in pixels (default: the dataset's, 32 for "
+       "digits/CIFAR, 224 for ImageNet)", "model and data", metavar="PX"),
+    _o("limit_train", optional(positive_int), None, "train on the first N samples of a fixed shuffle of the "
+       "training set", "model and data", metavar="N"),
+    _o("limit_test", optional(positive_int), None, "evaluate on the first N test samples", "model and data",
+       metavar="N"),
+    _o("workers", nonneg_int, 0, "DataLoader worker processes for on-disk datasets (in-memory datasets are "
+       "batched directly)", "model and data", metavar="N"),
+    # execution
+    _o("mode", choice(*MODES), "asym", "asym (split), plain (all on the accelerator), trusted-only (all "
+       "trusted), noise-only (whole activations + noise to the accelerator)", "execution"),
+    _o("device", device_spec, "cpu", "the accelerator: cpu, cuda[:N] or auto (the trusted context is "
+       "always this process's CPU)", "execution", metavar="DEV"),
+    _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
+       metavar="N"),
+    # optimisation
+    _o("batch_size", positive_int, 64, "training batch size (the last partial batch is dropped)",
+       "optimisation", metavar="N"),
+    _o("test_batch_size", positive_int, 256, "evaluation batch size", "optimisation", metavar="N"),
+    _o("epochs", positive_int, 15, "number of epochs", "optimisation", metavar="N"),
+    _o("lr", positive_float, 0.05, "initial learning rate (SGD)", "optimisation"),
+    _o("scheduler", choice(*SCHEDULERS), "cos", "learning-rate schedule, updated every step: cos (cosine to "
+       "0), step (x lr_gamma every lr_step epochs), none", "optimisation"),
+    _o("lr_step", optional(positive_int), None, "epochs between decays of --scheduler step (default: decay "
+       "at 50%% and 75%% of training)", "optimisation", metavar="EPOCHS"),
+    _o("lr_gamma", positive_float, 0.1, "decay factor of --scheduler step", "optimisation", metavar="G"),
+    _o("momentum", momentum_value, 0.9, "SGD momentum", "optimisation", metavar="M"),
+    _o("nesterov", flag, False, "Nesterov momentum", "optimisation", is_flag=True),
+    _o("wd", nonneg_float, 5e-4, "weight decay", "optimisation"),
+    _o("seed", nonneg_int, 0, "seed of model init, data split and order, decompositions and noise",
+       "optimisation", metavar="N"),
+    # split
+    _o("rank", rank_spec, "schedule", "rank of the trusted low-rank part: N, a per-layer list 2,4,8, "
+       "schedule (2, x2 per conv, cap 32), schedule:START:GROWTH:CAP, adaptive:TAU[:MAX]", "split",
+       metavar="SPEC"),
+    _o("tau", optional(unit_interval), None, "adaptive rank: smallest rank whose residual energy ratio "
+       "||R||^2/||X||^2 <= TAU (shorthand for --rank adaptive:TAU; the prototype used 0.1)", "split"),
+    _o("input_rank", optional(nonneg_int), 1, "rank of the raw input's decomposition ('none': use --rank)",
+       "split", metavar="R"),
+    _o("grad_rank", optional(rank_spec), None, "rank policy of gradient decompositions in protected backward "
+       "(default: the layer's forward rank)", "split", metavar="SPEC"),
+    _o("decomposition", choice(*DECOMPOSITIONS), "power", "power (light subspace iteration), eigh, svd, "
+       "rsvd", "split"),
+    _o("iters", positive_int, 2, "power-iteration rounds", "split", metavar="N"),
+    _o("basis", choice(*BASES), "sample", "one low-rank basis per sample, or one per batch", "split"),
+    _o("warm_start", flag, True, "warm-start power iterations from the previous step's basis", "split",
+       is_flag=True),
+    _o("backward", choice(*BACKWARDS), "protected", "protected: only gradient residuals reach the "
+       "accelerator; paper: full activation gradients, as the prototype", "split"),
+    # noise
+    _o("noise", optional(nonneg_float), None, "noise multiplier sigma of every released residual (std = "
+       "sigma * clip)", "noise / differential privacy", metavar="SIGMA"),
+    _o("nsr", optional(nonneg_float), None, "the prototype's noise-to-signal amplitude ratio",
+       "noise / differential privacy"),
+    _o("epsilon", optional(positive_float), None, "target epsilon of the whole run: sigma is solved by the "
+       "accountant before training", "noise / differential privacy"),
+    _o("delta", unit_interval, 1e-5, "delta of (epsilon, delta)", "noise / differential privacy"),
+    _o("clip", clip_spec, 1.0, "per-sample L2 bound of each release: a number, auto or auto:q (adaptive, not "
+       "formally accounted)", "noise / differential privacy", metavar="C"),
+    _o("accountant", choice(*ACCOUNTANTS), "rdp", "Opacus accountant for epsilon", "noise / differential "
+       "privacy"),
+    # output
+    _o("out", optional(path_text), None, "output directory (default runs/<time>-<model>-<mode>)", "output",
+       metavar="DIR"),
+    _o("resume", optional(path_text), None, "continue a run from a checkpoint file or run directory "
+       "(bare --resume: the one in --out)", "output", metavar="PATH"),
+    _o("progress", flag, True, "tqdm progress bars", "output", is_flag=True),
+    _o("tensorboard", flag, True, "TensorBoard event files in OUT/tensorboard", "output", is_flag=True),
+    _o("log_every", positive_int, 10, "steps between TensorBoard step logs (loss, lr, per-layer ranks and "
+       "residual-energy histograms)", "output", metavar="N"),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+#: Fields that may change between a checkpoint and its resumption (they do not change what is trained).
+RUNTIME_FIELDS = frozenset({
+    "data_dir", "download", "workers", "device", "threads", "test_batch_size", "limit_test", "epochs",
+    "out", "resume", "progress", "tensorboard", "log_every",
+})
+
+
+@dataclass
+class TrainConfig:
+    """All options of a training run (see :data:`OPTIONS` for their meaning and defaults)."""
+
+    model: str = "vgg11_bn"
+    width: float | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    workers: int = 0
+    mode: str = "asym"
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 64
+    test_batch_size: int = 256
+    epochs: int = 15
+    lr: float = 0.05
+    scheduler: str = "cos"
+    lr_step: int | None = None
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    wd: float = 5e-4
+    seed: int = 0
+    rank: str = "schedule"
+    tau: float | None = None
+    input_rank: int | None = 1
+    grad_rank: str | None = None
+    decomposition: str = "power"
+    iters: int = 2
+    basis: str = "sample"
+    warm_start: bool = True
+    backward: str = "protected"
+    noise: float | None = None
+    nsr: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float | str = 1.0
+    accountant: str = "rdp"
+    out: str | None = None
+    resume: str | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    log_every: int = 10
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def noise_on(self) -> bool:
+        """Whether released residuals are clipped and noised."""
+        return self.noise is not None or self.nsr is not None or self.epsilon is not None
+
+    @property
+    def rank_spec(self) -> str:
+        """The rank policy actually used (``--tau`` is shorthand for ``adaptive:TAU``)."""
+        return f"adaptive:{self.tau}" if self.tau is not None else self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from raw values (converted and validated like command-line values)."""
+        cfg = cls()
+        cfg.update(values, source=source)
+        return cfg
+
+    def update(self, values: Mapping[str, Any], *, source: str = "config") -> None:
+        """Set options from raw values; unknown names and bad values raise :class:`ConfigError`."""
+        for key, raw in values.items():
+            name = str(key).replace("-", "_")
+            opt = _BY_NAME.get(name)
+            if opt is None:
+                raise ConfigError(
+                    f"{source}: unknown option {key!r}; known options: {', '.join(sorted(_BY_NAME))}"
+                )
+            try:
+                setattr(self, name, opt.convert(raw))
+            except ValueError as e:
+                raise ConfigError(f"{source}: invalid value for {opt.cli}: {e}") from None
+
+    def validate(self) -> TrainConfig:
+        """Check the combination of options; raise :class:`ConfigError` naming the conflicting ones."""
+        for opt in OPTIONS:  # values set programmatically go through the converters too
+            value = getattr(self, opt.name)
+            if value is not None or opt.default is not None:
+                try:
+                    setattr(self, opt.name, opt.convert(value))
+                except ValueError as e:
+                    raise ConfigError(f"invalid value for {opt.cli}: {e}") from None
+        given = [f"--{n}" for n in ("noise", "nsr", "epsilon") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"conflicting options {' and '.join(given)}: give only one")
+        if self.noise_on and self.mode in ("plain", "trusted-only"):
+            raise ConfigError(f"{given[0]} has no effect in --mode {self.mode}: use --mode asym or noise-only")
+        if self.epsilon is not None and self.backward == "paper":
+            raise ConfigError(
+                "--epsilon needs --backward protected: paper mode releases full activation gradients "
+                "without noise, so no epsilon can be guaranteed"
+            )
+        if self.epsilon is not None and isinstance(self.clip, str):
+            raise ConfigError("--epsilon needs a fixed --clip: an adaptive clip is not formally accounted")
+        if self.tau is not None and self.rank != "schedule":
+            raise ConfigError("conflicting options --rank and --tau: --tau TAU means --rank adaptive:TAU")
+        if self.scheduler != "step" and self.lr_step is not None:
+            raise ConfigError("--lr-step only applies to --scheduler step")
+        if self.width is not None and not is_cifar_model(self.model):
+            raise ConfigError(f"--width applies to the CIFAR-style models only, not to {self.model!r}")
+        return self
+
+
+def is_cifar_model(name: str) -> bool:
+    """Whether ``name`` is one of asymml's CIFAR-style models (which take ``width``)."""
+    from ..models import MODELS
+
+    return name.strip().lower() in MODELS
+
+
+# ------------------------------------------------------------------------------------ config files
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of options into a dict.
+
+    A TOML file may put the options at the top level or under a ``[train]`` table; likewise a YAML file
+    may nest them under ``train:``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    suffix = p.suffix.lower()
+    try:
+        raw_text = p.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(raw_text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw_text)
+        else:
+            raise ConfigError(f"config file {str(p)!r}: use a .yaml, .yml or .toml file")
+    except ConfigError:
+        raise
+    except Exception as e:  # parse errors of either format
+        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of option: value")
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    return data
+
+
+# ---------------------------------------------------------------------------------------- argparse
+
+
+class _Convert:
+    """argparse ``type=`` wrapper: a converter's ValueError becomes a clear argparse error."""
+
+    def __init__(self, opt: Option) -> None:
+        self.opt = opt
+        self.__name__ = opt.name
+
+    def __call__(self, value: str) -> Any:
+        try:
+            return self.opt.convert(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to ``parser``; unset options stay absent from the namespace."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML or TOML file of options (command-line options win)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in OPTIONS:
+        g = groups.get(opt.group)
+        if g is None:
+            g = groups[opt.group] = parser.add_argument_group(opt.group)
+        help_text = opt.help
+        if opt.default is not None and not opt.is_flag and "default" not in help_text:
+            help_text += f" (default: {opt.default})"
+        if opt.is_flag:
+            g.add_argument(opt.cli, dest=opt.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text + f" (default: {'on' if opt.default else 'off'})")
+        elif opt.name == "resume":
+            g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=_Convert(opt),
+                           default=argparse.SUPPRESS, metavar=opt.metavar, help=help_text)
+        else:
+            g.add_argument(opt.cli, dest=opt.name, type=_Convert(opt), default=argparse.SUPPRESS,
+                           metavar=opt.metavar or opt.name.upper(), help=help_text)
+    parser.add_argument("--sigma", dest="noise", type=_Convert(_BY_NAME["noise"]), default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # alias of --noise
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that were set on the command line (parsed with :func:`add_options`)."""
+    return {k: v for k, v in vars(args).items() if k in _BY_NAME}
+
+
+def resolve_config(cli: Mapping[str, Any], file: str | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (defaults) updated by the config ``file`` and then by the command-line values ``cli``."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    if file is not None:
+        cfg.update(load_config_file(file), source=f"config file {file}")
+    for name, value in cli.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: frozenset[str] = RUNTIME_FIELDS) -> list[str]:
+    """``option: old -> new`` for every field (outside ``ignore``) whose value differs."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name in ignore:
+            continue
+        a, b = old.get(f.name, f.default), new.get(f.name, f.default)
+        if a != b:
+            out.append(f"{_BY_NAME[f.name].cli}: {a!r} in the checkpoint, {b!r} now")
+    return out
