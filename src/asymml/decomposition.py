@@ -101,6 +101,17 @@ def _basis_power(X: Tensor, r: int, iters: int, init: Tensor | None, generator: 
     Gram matrix, so more iterations are almost free.
     """
     C, N = X.shape[-2], X.shape[-1]
+    iters = max(1, iters)
+    if 2 * r * iters < min(C, N):
+        # cheaper to iterate on X itself (2·C·N·r per round) than to form the Gram matrix (C·N·min(C, N))
+        if init is not None and init.shape[-1] == r and init.shape[:-1] == X.shape[:-1]:
+            Q = init
+        else:
+            Q = _orth(torch.randn((*X.shape[:-2], C, r), generator=generator, dtype=X.dtype, device="cpu").to(X.device))
+        Xt = X.transpose(-1, -2)
+        for _ in range(iters):
+            Q = _orth(X @ (Xt @ Q))
+        return Q
     dual = N < C
     G = X.transpose(-1, -2) @ X if dual else X @ X.transpose(-1, -2)
     n = G.shape[-1]
@@ -190,7 +201,7 @@ def decompose(
                 U = _basis_exact(stacked, rank, method)
             U = U[0]
             V = torch.matmul(U.t(), X)
-            R = X - torch.matmul(U, V)
+            R = torch.baddbmm(X, U.expand(B, C, rank), V, alpha=-1.0)
         else:
             if method == "power":
                 U = _basis_power(X, rank, iters, init, generator)

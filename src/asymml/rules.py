@@ -19,7 +19,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ class Low:
         return self.f.V.reshape(self.f.V.shape[0], self.f.V.shape[1], *self.spatial)
 
 
-TPart = Union[None, Low, Tensor]
+TPart = Low | Tensor | None
 
 
 def dense(t: TPart, shape: tuple[int, ...] | None = None, like: Tensor | None = None) -> Tensor | None:
@@ -238,6 +238,21 @@ class Conv2dRule(SplitRule):
         Ug = U.view(B, g, C // g, -1)
         return torch.einsum("gocxy,bgcj->bgojxy", W, Ug).reshape(B * O, -1, *m.kernel_size)
 
+    @staticmethod
+    def _conv_t(m: nn.Conv2d, Wf: Tensor, Q: Tensor, in_shape: tuple[int, ...], groups: int) -> Tensor:
+        """Transposed conv of the ``r`` maps ``Q`` with folded weights ``Wf`` (``groups·r × C × k × k``).
+
+        A stride-1 transposed conv is a conv with the flipped, transposed kernel; oneDNN's forward conv
+        is 3–5× faster than its backward-data kernel at these shapes."""
+        k, p, dl = m.kernel_size, m.padding, m.dilation
+        pad = (dl[0] * (k[0] - 1) - p[0], dl[1] * (k[1] - 1) - p[1])
+        if m.stride == (1, 1) and min(pad) >= 0:
+            r = Wf.shape[0] // groups
+            C = Wf.shape[1]
+            Wt = Wf.view(groups, r, C, *k).transpose(1, 2).flip(-1, -2).reshape(groups * C, r, *k)
+            return F.conv2d(Q, Wt, None, padding=pad, dilation=dl, groups=groups)
+        return conv2d_input(in_shape, Wf, Q, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups)
+
     def trusted_forward(self, b: Bound, ts: list[TPart], shapes: list[tuple[int, ...]]) -> TPart:
         m, t = b.module, ts[0]
         if t is None:
@@ -266,7 +281,15 @@ class Conv2dRule(SplitRule):
         if d is None:
             return [None]
         B, C, H, W = shapes[0]
-        if isinstance(d, Low):
+        if isinstance(d, Low) and d.f.shared:
+            r = d.f.rank
+            ho, wo = d.spatial
+            if self._gfold_cheaper(m, 1, r, H * W, ho * wo):
+                g, O = m.groups, m.out_channels
+                Wv = m.weight.view(g, O // g, C // g, *m.kernel_size)
+                Wf = torch.einsum("goj,gocxy->jgcxy", d.f.U.view(g, O // g, r), Wv).reshape(r, C, *m.kernel_size)
+                return [self._conv_t(m, Wf, d.Vmaps, (B, C, H, W), 1)]
+        if isinstance(d, Low) and not d.f.shared:
             r = d.f.rank
             ho, wo = d.spatial
             # convT(P Q, W) = convT(Q, Σ_o P[o,j] W[o,c]) — the same fold, on the gradient side
@@ -275,18 +298,7 @@ class Conv2dRule(SplitRule):
                 Wv = m.weight.view(g, O // g, C // g, *m.kernel_size)
                 P = d.f.U.view(B, g, O // g, r)
                 Wf = torch.einsum("bgoj,gocxy->bjgcxy", P, Wv).reshape(B * r, C, *m.kernel_size)
-                Qm = d.Vmaps.reshape(1, B * r, ho, wo)
-                if m.stride == (1, 1):
-                    # a stride-1 transposed conv is a conv with the flipped, transposed kernel; oneDNN's
-                    # grouped forward conv is 3–5× faster than its grouped backward-data kernel here
-                    k, p, dl = m.kernel_size, m.padding, m.dilation
-                    Wt = Wf.view(B, r, C, *k).transpose(1, 2).flip(-1, -2).reshape(B * C, r, *k)
-                    pad = (dl[0] * (k[0] - 1) - p[0], dl[1] * (k[1] - 1) - p[1])
-                    if min(pad) >= 0:
-                        gx = F.conv2d(Qm, Wt, None, padding=pad, dilation=dl, groups=B)
-                        return [gx.view(B, C, H, W)]
-                gx = conv2d_input((1, B * C, H, W), Wf, Qm, stride=m.stride, padding=m.padding,
-                                  dilation=m.dilation, groups=B)
+                gx = self._conv_t(m, Wf, d.Vmaps.reshape(1, B * r, ho, wo), (1, B * C, H, W), B)
                 return [gx.view(B, C, H, W)]
             d = d.dense()
         return [conv2d_input(shapes[0], m.weight, d, stride=m.stride, padding=m.padding,
@@ -318,7 +330,12 @@ class Conv2dRule(SplitRule):
             gw += conv2d_weight(dense(t_in), m.weight.shape, delta, groups=g, **kw)
         # R̃ ⋆ δ_T  (δ_T low-rank: correlate R̃ with the r maps of Q, then expand by P)
         if r_in is not None and d_t is not None:
-            if isinstance(d_t, Low) and not d_t.f.shared and self._gfold_cheaper(m, B, d_t.f.rank, H * W, ho * wo):
+            if isinstance(d_t, Low) and d_t.f.shared and self._gfold_cheaper(m, 1, d_t.f.rank, H * W, ho * wo):
+                r = d_t.f.rank
+                Hm = conv2d_weight(r_in, (r, C, *m.kernel_size), d_t.Vmaps, **kw)
+                P = d_t.f.U.view(g, O // g, r)
+                gw += torch.einsum("goj,jgcxy->gocxy", P, Hm.view(r, g, C // g, *m.kernel_size)).reshape(gw.shape)
+            elif isinstance(d_t, Low) and not d_t.f.shared and self._gfold_cheaper(m, B, d_t.f.rank, H * W, ho * wo):
                 r = d_t.f.rank
                 Hm = conv2d_weight(r_in.reshape(1, B * C, H, W), (B * r, C, *m.kernel_size),
                                    d_t.Vmaps.reshape(1, B * r, ho, wo), groups=B, **kw)

@@ -15,7 +15,6 @@ Backward (SPEC §4), with ``δ`` the output gradient:
 
 from __future__ import annotations
 
-import copy
 import itertools
 import operator
 import time
@@ -33,7 +32,7 @@ from .decomposition import RankPolicy, decompose
 from .errors import InputError
 from .executors.base import BackwardRequest, Executor
 from .profiling import EPC_DEFAULT_BYTES, LayerProfile, Profile, TrustedMemoryMeter
-from .rules import INPLACE_MODULES, Low, dense, tadd
+from .rules import Low, dense, tadd
 from .transform import Plan, Region, build_plan, trace
 
 MODES = ("asym", "plain", "trusted-only", "noise-only")
@@ -78,6 +77,7 @@ class _RegionCall:
         self.key = next(sm._keys)
         self.accel_live = False
         self.saved_t: dict[fx.Node, Any] = {}
+        self.saved_versions: dict[fx.Node, int] = {}
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.has_r: dict[fx.Node, bool] = {}
         self.grad_params: tuple[str, ...] = ()
@@ -138,6 +138,9 @@ class _RegionCall:
                 tparts[n] = b.rule.trusted_forward(b, [tparts[a] for a in args], [self.shapes[a] for a in args])
                 if self.keep_graph and b.rule.params(b):
                     self.saved_t[n] = tparts[args[0]]
+                    tp = tparts[args[0]]
+                    if isinstance(tp, Tensor):
+                        self.saved_versions[n] = tp._version
             t0 = time.perf_counter()
             res = fut.result() if fut is not None else {}
             blocked += time.perf_counter() - t0
@@ -152,8 +155,10 @@ class _RegionCall:
                     out = r.clone() if r.untyped_storage().data_ptr() in in_ptrs else r
                 elif r is None:
                     out = t.clone() if t.untyped_storage().data_ptr() in in_ptrs else t
-                else:
+                elif t.untyped_storage().data_ptr() in in_ptrs or any(t is v for v in self.saved_t.values()):
                     out = t + r
+                else:
+                    out = t.add_(r)  # the trusted part is a fresh tensor: merge in place, no new allocation
                 outs.append(out)
         prof.trusted_s["forward"] = prof.trusted_s.get("forward", 0.0) + time.perf_counter() - t_start - blocked
         sm._blocked += blocked
@@ -223,10 +228,15 @@ class _RegionCall:
                 for a, gi in zip(args, b.rule.input_grad(b, e, [self.shapes[a] for a in args])):
                     if not self.has_r[a]:
                         extra[a] = tadd(extra.get(a), gi)
+            for n, ver in self.saved_versions.items():
+                if self.saved_t[n]._version != ver:
+                    raise RuntimeError(
+                        f"the input of {reg.name} ({n.name}) was modified in place after the split forward; "
+                        "its parameter gradients would be wrong. Make that op out-of-place (asymml.fix(model) "
+                        "does this for in-place activations)."
+                    )
             # parameter gradients
-            pgrads: list[Tensor | None] = []
-            for n, pname, _p in sm._region_params(reg):
-                pgrads.append(None)
+            pgrads: list[Tensor | None] = [None] * len(sm._region_params(reg))
             pidx = 0
             for n in reg.nodes:
                 b = reg.bound[n]
@@ -292,7 +302,7 @@ class SplitModule(nn.Module):
             self._gm = trace(model)
             self._plans: dict[tuple, Plan] = {}
             self.plan()  # validates (strict mode) before any computation
-        self._safe_mods: dict[str, nn.Module] = {}
+        self._mods: dict[str, nn.Module] = {}
         self._warm: dict[str, Tensor] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -408,16 +418,12 @@ class SplitModule(nn.Module):
         if not torch.isfinite(x).all():
             raise InputError("input contains NaN or Inf values")
 
-    def _safe_module(self, target: str) -> nn.Module:
-        """The module at ``target``; in-place activations are replaced by an out-of-place copy (the
-        caller's module is left as it is)."""
-        m = self._safe_mods.get(target)
+    def _module(self, target: str) -> nn.Module:
+        """The module at ``target``, as the caller wrote it (in-place activations stay in place: region
+        outputs are fresh tensors, and tensors a region saves are version-checked in backward)."""
+        m = self._mods.get(target)
         if m is None:
-            m = self._gm.get_submodule(target)
-            if isinstance(m, INPLACE_MODULES) and getattr(m, "inplace", False):
-                m = copy.copy(m)
-                m.inplace = False
-            self._safe_mods[target] = m
+            m = self._mods[target] = self._gm.get_submodule(target)
         return m
 
     def _decomposed(self, x: Tensor, reg: Region, v: fx.Node) -> tuple[Any, Any, int]:
@@ -452,7 +458,9 @@ class SplitModule(nn.Module):
                              generator=self._gen)
             if cfg.warm_start and cfg.decomposition == "power" and r > 0:
                 self._warm[layer] = f.U
-            ratio = R.pow(2).sum((1, 2)) / X3.pow(2).sum((1, 2)).clamp_min(1e-30)
+            # ‖R‖² = ‖X‖² − ‖V‖² for an orthonormal basis: one read of X instead of two full passes
+            xx = torch.linalg.vector_norm(X3, dim=(1, 2)).square()
+            ratio = ((xx - f.V.square().sum((1, 2))).clamp_min(0) / xx.clamp_min(1e-30))
             rel = R.reshape(x.shape)
             if self.mechanism is not None:
                 rel = self.mechanism(rel, layer=layer, generator=self._noise_gen)
@@ -565,24 +573,19 @@ class SplitModule(nn.Module):
             return args[0]  # executed after the max-pool that consumes it
         t0 = time.perf_counter()
         if n.op == "call_module":
-            mod = self._safe_module(n.target)
+            mod = self._module(n.target)
             out = mod(*args, **kwargs)
             act = plan.fused.get(n)
             if act is not None:
-                out = self._safe_module(act.target)(out)
+                out = self._module(act.target)(out)
         elif n.op == "call_function":
             fn = n.target
             if fn is operator.iadd:
                 fn = operator.add
-            if kwargs.get("inplace"):
-                kwargs = {**kwargs, "inplace": False}
             out = fn(*args, **kwargs)
         else:  # call_method
             self_obj, *rest = args
-            name = n.target
-            if name.endswith("_") and not name.startswith("_") and hasattr(self_obj, name[:-1]):
-                name = name[:-1]
-            out = getattr(self_obj, name)(*rest, **kwargs)
+            out = getattr(self_obj, n.target)(*rest, **kwargs)
         lp = self._layer(str(n.target) if n.op == "call_module" else n.name, "trusted")
         lp.trusted_s["forward"] = lp.trusted_s.get("forward", 0.0) + time.perf_counter() - t0
         return out

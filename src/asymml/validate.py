@@ -34,7 +34,7 @@ class ValidationReport:
             reg = f" [region {p.region}]" if p.region is not None else ""
             lines.append(f"  {p.where:22s} {p.node}{reg}  ({p.detail})")
         if self.inplace_modules:
-            lines.append("in-place modules (run out-of-place by asymml; asymml.fix() changes them): "
+            lines.append("in-place modules (fine for asymml; asymml.fix() makes them out-of-place): "
                          + ", ".join(self.inplace_modules))
         return "\n".join(lines)
 

@@ -31,11 +31,18 @@ TORCHVISION = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg1
 CIFAR = ["vgg11", "vgg16_bn", "resnet20"]
 
 
-def _tv(name: str) -> torch.nn.Module:
-    return torchvision.models.get_model(name, weights=None, num_classes=10)
+def _tv(name: str, small_head: bool = False) -> torch.nn.Module:
+    m = torchvision.models.get_model(name, weights=None, num_classes=10)
+    if small_head and name.startswith("vgg"):
+        # same head structure (avgpool 7×7 → flatten → Linear/ReLU/Dropout ×2 → Linear) with 64 hidden units
+        # instead of 4096, so that three float64 copies of the model fit CI memory (the head runs trusted)
+        m.classifier[0] = torch.nn.Linear(512 * 7 * 7, 64)
+        m.classifier[3] = torch.nn.Linear(64, 64)
+        m.classifier[6] = torch.nn.Linear(64, 10)
+    return m
 
 
-CASES = [(f"tv-{n}", lambda n=n: _tv(n)) for n in TORCHVISION] + [
+CASES = [(f"tv-{n}", lambda n=n: _tv(n, small_head=True)) for n in TORCHVISION] + [
     (f"cifar-{n}", lambda n=n: get_model(n, num_classes=10)) for n in CIFAR
 ]
 
@@ -46,12 +53,11 @@ def test_models_exact_float64(case: int, train: bool) -> None:
     """Every supported architecture, BN in train and eval mode, both backward modes (float64: the
     algorithm is exact, so only round-off of the unsplit model's own arithmetic remains)."""
     name, make = CASES[case]
-    torch.manual_seed(case)
-    model = make().double().train(train)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(case))
     for k in range(2):
         backward, decomposition, rank = COMBOS[(2 * case + k + train) % len(COMBOS)]
-        m = copy.deepcopy(model)
+        torch.manual_seed(case)
+        m = make().double().train(train)
         out_err, grad_err, _, _ = compare_with_reference(m, x, backward=backward, decomposition=decomposition,
                                                          rank=rank)
         assert out_err <= TOL, (name, backward, decomposition, rank, out_err)
@@ -129,13 +135,13 @@ class _Zoo(torch.nn.Module):
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("backward", ["protected", "paper"])
-@pytest.mark.parametrize("decomposition", ["power", "eigh"])
-def test_op_zoo_exact(train: bool, backward: str, decomposition: str) -> None:
+@pytest.mark.parametrize("decomposition,basis", [("power", "sample"), ("eigh", "sample"), ("power", "batch")])
+def test_op_zoo_exact(train: bool, backward: str, decomposition: str, basis: str) -> None:
     torch.manual_seed(0)
     model = _Zoo().double().train(train)
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     out_err, grad_err, sm, _ = compare_with_reference(model, x, backward=backward, decomposition=decomposition,
-                                                      rank=2)
+                                                      rank=2, basis=basis)
     assert out_err <= 1e-10 and grad_err <= 1e-8, (out_err, grad_err)
     assert any(len(r.nodes) >= 3 for r in sm.plan().regions), "linear chains must form multi-op regions"
 

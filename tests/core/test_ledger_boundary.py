@@ -75,7 +75,7 @@ def test_no_private_tensor_released(name: str, backward: str, photo: torch.Tenso
                 assert not _is_scaled_copy(t, g), f"{r.layer}: full activation gradient of {n} released"
         # labels and logits never leave the trusted side
         assert t.shape != logits.shape or not torch.allclose(t, logits)
-        assert not (t.dtype in (torch.int64, torch.int32))
+        assert t.dtype not in (torch.int64, torch.int32)
     # the executor never received integer tensors (labels) or anything with the logits' shape
     assert all(r.shape != tuple(logits.shape) for r in ledger if r.kind != "weight")
 

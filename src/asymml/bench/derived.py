@@ -15,36 +15,46 @@ from torch import nn
 DEFAULT_SPEED_RATIO = 10.0
 
 DEFINITIONS: dict[str, str] = {
-    "trusted_s": "median over repeats of the trusted-side time of one step: wall time of the step measured in "
-                 "the trusted (calling) thread minus the time that thread spent blocked waiting on the "
-                 "accelerator. trusted-only: the whole wall time. plain: 0 (everything runs on the accelerator).",
-    "accelerator_s": "median of the accelerator's busy time per step (sum of the executor's per-layer job times, "
-                     "synchronised on CUDA). plain: the whole step time. trusted-only: 0.",
-    "step_s": "median end-to-end wall time of one step (train: forward + loss + backward [+ optimizer step]; "
-              "infer: forward under torch.no_grad in eval mode).",
-    "trusted_flops": "FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode in the "
-                     "trusted thread over one step, incl. asymml's QR/eigh/SVD formulas; element-wise ops count 0.",
+    "trusted_s": (
+        "median over repeats of the trusted-side time of one step: wall time of the step measured in the "
+        "trusted (calling) thread minus the time that thread spent blocked waiting on the accelerator. "
+        "trusted-only: the whole wall time. plain: 0 (everything runs on the accelerator). With a CPU "
+        "accelerator the two sides share the cores; --serialize runs each accelerator job only when the "
+        "trusted side waits for it, which removes that contention (step_s is then the sum of both sides)."),
+    "accelerator_s": (
+        "median of the accelerator's busy time per step (sum of the executor's per-layer job times, "
+        "synchronised on CUDA). plain: the whole step time. trusted-only: 0."),
+    "step_s": (
+        "median end-to-end wall time of one step (train: forward + loss + backward [+ optimizer step]; "
+        "infer: forward under torch.no_grad in eval mode)."),
+    "trusted_flops": (
+        "FLOPs (2 per multiply-add) counted by torch.utils.flop_counter.FlopCounterMode in the trusted "
+        "thread over one step, with asymml's QR/eigh/SVD formulas and a group-aware convolution-backward "
+        "formula (torch's over-counts grouped weight gradients); element-wise ops count 0."),
     "total_flops": "FLOPs of the same step in `plain` mode (the whole model, unsplit).",
     "trusted_flop_fraction": "trusted_flops / total_flops.",
-    "trusted_peak_bytes": "peak bytes of live tensors created by the trusted thread during one step "
-                          "(asymml.profiling.TrustedMemoryMeter, input batch included, released tensors "
-                          "excluded, persistent parameters excluded).",
-    "trusted_resident_bytes": "trusted_peak_bytes + model parameter bytes (the weights the trusted side holds).",
-    "released_bytes": "bytes of tensors derived from private data handed to the accelerator per step "
-                      "(all ledger kinds except 'weight'); weights are reported as released_weight_bytes.",
+    "trusted_peak_bytes": (
+        "peak bytes of live tensors created by the trusted thread during one step "
+        "(asymml.profiling.TrustedMemoryMeter; input batch included, released tensors and persistent "
+        "parameters excluded)."),
+    "trusted_resident_bytes": "trusted_peak_bytes + parameter and buffer bytes (held by the trusted side).",
+    "released_bytes": (
+        "bytes of tensors derived from private data handed to the accelerator per step (all ledger kinds "
+        "except 'weight'); weights are reported as released_weight_bytes."),
     "trusted_speedup": "trusted_s(trusted-only) / trusted_s(asym).",
-    "limit": "total_flops / trusted_flops(asym): the speed-up if trusted time were proportional to trusted FLOPs.",
+    "limit": "total_flops / trusted_flops(asym): the speed-up if trusted time were proportional to FLOPs.",
     "efficiency": "trusted_speedup / limit.",
     "asym_vs_plain": "step_s(asym) / step_s(plain) (end-to-end cost of the split vs. no privacy).",
     "end_to_end_speedup": "step_s(trusted-only) / step_s(asym), as measured on this machine.",
-    "projected_speedup": "trusted_s(trusted-only) / max(trusted_s(asym), accelerator_s(asym) / speed_ratio). "
-                         "Model: the accelerator is speed_ratio times faster than the CPU the accelerator side "
-                         "was measured on, both sides overlap perfectly, the step takes as long as the slower "
-                         "side, transfers are free. With a real GPU accelerator use --speed-ratio 1.",
-    "limit_fwd_conv_analytic": "Σ conv MACs / Σ trusted conv MACs in the forward pass, per sample, with the ranks "
-                               "asym used: trusted MACs of a conv = min(fold, dense) where fold = r·Cin/g·Cout·k² + "
-                               "r·Cout·k²·H'W' and dense = r·Cin·HW + Cout·Cin/g·k²·H'W' (a conv whose input is "
-                               "not decomposed costs its full MACs).",
+    "projected_speedup": (
+        "trusted_s(trusted-only) / max(trusted_s(asym), accelerator_s(asym) / speed_ratio). Model: the "
+        "accelerator is speed_ratio times faster than the device its time was measured on, both sides "
+        "overlap perfectly, a step takes as long as the slower side, transfers are free. With a real GPU "
+        "accelerator use --speed-ratio 1."),
+    "limit_fwd_conv_analytic": (
+        "sum of conv MACs / sum of trusted conv MACs in the forward pass, per sample, with the ranks asym "
+        "used: trusted MACs of a conv = min(fold, dense), fold = r*Cin/g*Cout*k^2 + r*Cout*k^2*H'W', "
+        "dense = r*Cin*HW + Cout*Cin/g*k^2*H'W'; a conv whose input is not decomposed costs its full MACs."),
 }
 
 

@@ -28,11 +28,13 @@ def markdown(result: Mapping[str, Any]) -> str:
     runs = result["runs"]
     env = result.get("environment", {})
     out = [f"## asymml bench — accelerator `{env.get('accelerator', '?')}`, torch {env.get('torch', '?')}, "
-           f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs", ""]
+           f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
+           + (", serialized (no trusted/accelerator overlap)" if result.get("config", {}).get("serialize") else "")
+           + (f", load average {env['loadavg_1min']:.1f}" if env.get("loadavg_1min") is not None else ""), ""]
     sweep = any(r.get("sweep_value") is not None for r in runs)
     sv_h = "| sweep " if sweep else ""
-    out += [f"{sv_h}| model | input | batch | phase | mode | trusted ms | accel ms | step ms | trusted GFLOP | "
-            "trusted FLOP % | trusted peak MiB | resident MiB / EPC | released MiB/step |",
+    out += [f"{sv_h}| model | input | batch | phase | mode | trusted ms | accel ms | step ms | "
+            "trusted GFLOP | trusted FLOP % | trusted peak MiB | resident MiB / EPC | released MiB/step |",
             "|" + "---|" * (13 + sweep)]
     for r in runs:
         sv = f"| {r.get('sweep_value')} " if sweep else ""
@@ -61,7 +63,7 @@ def markdown(result: Mapping[str, Any]) -> str:
             )
     split = [r for r in runs if r["mode"] in ("asym", "noise-only") and r.get("breakdown")]
     if split:
-        out += ["", f"Trusted time of the split modes, ms (last timed step):", "",
+        out += ["", "Trusted time of the split modes, ms (last timed step):", "",
                 f"{sv_h}| model | input | batch | phase | mode | decompose | split fwd (excl. decompose) | "
                 "split bwd | trusted ops fwd | other (autograd of trusted ops, loss, glue) | blocked |",
                 "|" + "---|" * (11 + sweep)]
@@ -75,6 +77,15 @@ def markdown(result: Mapping[str, Any]) -> str:
                               "other_s"))
                 + f" | {1e3 * r['blocked_s']:.1f} |"
             )
+    from .attribution import attribution_table
+
+    for r in runs:
+        att = r.get("attribution")
+        if att:
+            out += ["", f"Trusted-thread time of {r['model']} {r['input_size']}px b{r['batch_size']} {r['phase']} "
+                    f"{r['label']} by engine function × op kind, ms (one profiled step, profiled trusted time "
+                    f"{1e3 * att['profiled_trusted_s']:.1f} ms):", "",
+                    attribution_table(att, att["profiled_trusted_s"])]
     defs = result.get("definitions")
     if defs:
         out += ["", "Definitions:", ""] + [f"* **{k}**: {v}" for k, v in defs.items()]

@@ -15,12 +15,16 @@ Instrumentation is never on during timed steps.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,6 +76,8 @@ class BenchConfig:
     optimizer_step: bool = False
     seed: int = 0
     layers: bool = False
+    attribute: bool = False
+    serialize: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` for unusable settings."""
@@ -131,9 +137,64 @@ def build_model(name: str, input_size: int, *, num_classes: int | None = None, w
 # ---------------------------------------------------------------------------------------- helpers
 
 
+class _DeferredFuture(Future):
+    """A future whose job only starts when someone asks for its result."""
+
+    def __init__(self, pool: _DeferredPool) -> None:
+        super().__init__()
+        self._owner = pool
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self._owner.flush()
+        return super().result(timeout)
+
+
+class _DeferredPool:
+    """Stands in for the executor's worker pool in serialized measurements: submitted jobs run on the real
+    worker, in submission order, only once the trusted side waits for a result. The trusted share of a
+    layer then never overlaps (and never shares the CPU) with the accelerator share, so both sides' times
+    are free of contention; the step time becomes their sum."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.pending: list[tuple[Callable[[], Any], _DeferredFuture]] = []
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        fut = _DeferredFuture(self)
+        with self.lock:
+            self.pending.append((functools.partial(fn, *args, **kwargs), fut))
+        return fut
+
+    def flush(self) -> None:
+        with self.lock:
+            jobs, self.pending = self.pending, []
+        for fn, fut in jobs:
+            try:
+                fut.set_result(self.pool.submit(fn).result())
+            except BaseException as e:  # handed to the waiting caller
+                fut.set_exception(e)
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        self.flush()
+        self.pool.shutdown(wait=wait, **kwargs)
+
+
 class _BenchExecutor(LocalExecutor):
     """A :class:`LocalExecutor` that tells the active trusted memory meter that released tensors are public
-    (they live outside the enclave once handed over)."""
+    (they live outside the enclave once handed over), and can defer its jobs (serialized measurement)."""
+
+    def __init__(self, device: str, serialize: bool = False) -> None:
+        super().__init__(device)
+        self._real_pool = self._pool
+        self.serialize(serialize)
+
+    def serialize(self, on: bool) -> None:
+        """Run accelerator jobs only when the trusted side waits for them (no overlap) — or concurrently."""
+        if isinstance(self._pool, _DeferredPool):
+            self._pool.flush()
+        self._pool = _DeferredPool(self._real_pool) if on else self._real_pool
 
     def release(self, tensor: Tensor, *, layer: str, kind: str) -> Handle:
         meter = TrustedMemoryMeter.active()
@@ -175,6 +236,8 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(), "accelerator": device,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda"):
         env["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
@@ -239,7 +302,7 @@ class BenchRunner:
             noise = {"sigma": cfg.noise_sigma, "clip": cfg.clip}
         elif mode == "asym" and cfg.asym_sigma is not None:
             noise = {"sigma": cfg.asym_sigma, "clip": cfg.clip}
-        ex = _BenchExecutor(self.device if mode != "trusted-only" else "cpu")
+        ex = _BenchExecutor(self.device if mode != "trusted-only" else "cpu", serialize=cfg.serialize)
         sm = split(m, rank=cfg.rank, decomposition=cfg.decomposition, backward=backward or "protected",
                    noise=noise, mode=mode, executor=ex, iters=cfg.iters, basis=cfg.basis,
                    input_rank=cfg.input_rank, grad_rank=cfg.grad_rank, warm_start=cfg.warm_start,
@@ -322,6 +385,17 @@ class BenchRunner:
         return {"trusted_flops": flops, "accelerator_flops": accel_flops, "counted_flops": flops,
                 "trusted_peak_bytes": int(meter.peak)}
 
+    def _attributed_step(self, e: _Entry, phase: str, x: Tensor, y: Tensor) -> dict[str, Any]:
+        from .attribution import attribute
+
+        _zero_grads(e.model)
+        e.sm.reset_profile()
+        att = attribute(lambda: self._step(e, phase, x, y))
+        wall = att["step_wall_s"]
+        blocked = 0.0 if e.mode == "trusted-only" else e.sm.profile().blocked_s
+        att["profiled_trusted_s"] = wall - blocked
+        return att
+
     def _conv_ranks(self, e: _Entry) -> dict[str, int | None]:
         """Rank of the decomposed input of every conv (by module name) in the last step's plan."""
         ranks: dict[str, int | None] = {}
@@ -348,48 +422,64 @@ class BenchRunner:
             model.eval()
             nc = int(model(x[:1]).shape[-1])
         y = torch.randint(0, nc, (batch,), generator=gen)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+        meta = {"model": name, "arch": arch, "model_name": base, "input_size": size, "batch_size": batch,
+                "model_bytes": sum(t.numel() * t.element_size()
+                                   for t in itertools.chain(model.parameters(), model.buffers())),
+                "geometry": geometry}
         runs: list[dict[str, Any]] = []
         entries = self._entries(model)
         try:
             for phase in cfg.phases:
-                for m in {id(e.model): e.model for e in entries}.values():
-                    m.train(phase == "train")
-                active = [e for e in entries if not (phase == "infer" and e.mode == "asym"
-                                                     and e.backward != entries_first_backward(entries))]
-                for e in active:
-                    e.samples = {"step_s": [], "trusted_s": [], "accelerator_s": [], "blocked_s": []}
-                self.log(f"[bench] {name} ({arch}) {size}x{size} batch {batch} {phase}: warm-up {cfg.warmup}, "
-                         f"{cfg.repeats} repeats × {len(active)} modes on {self.device}")
-                for _ in range(cfg.warmup):
-                    for e in active:
-                        self._timed_step(e, phase, x, y)
-                for _ in range(cfg.repeats):
-                    for e in active:
-                        rec = self._timed_step(e, phase, x, y)
-                        for k in e.samples:
-                            e.samples[k].append(rec[k])
-                        e.last = rec
-                totals: dict[str, int] = {}
-                instr: dict[str, dict[str, Any]] = {}
-                analytic: float | None = None
-                for e in active:
-                    instr[e.label] = self._instrumented_step(e, phase, x, y)
-                    totals[e.mode] = instr[e.label]["counted_flops"]
-                    if e.mode == "asym" and analytic is None:
-                        analytic = analytic_fwd_conv_limit(geometry, self._conv_ranks(e))
-                total = totals.get("plain") or totals.get("trusted-only") or self._count_model_flops(
-                    model, phase, x, y)
-                for e in active:
-                    runs.append(self._record(e, phase, name, arch, base, size, batch, total, instr[e.label],
-                                             param_bytes + buffer_bytes, analytic))
-                    r = runs[-1]
-                    self.log(f"[bench]   {e.label:<16} step {1e3 * r['step_s']:9.1f} ms  trusted "
-                             f"{1e3 * r['trusted_s']:9.1f} ms  accel {1e3 * r['accelerator_s']:9.1f} ms")
+                runs.extend(self._run_phase(entries, phase, x, y, meta))
         finally:
             for e in entries:
                 e.sm.executor.close()
+        return runs
+
+    def _run_phase(self, entries: list[_Entry], phase: str, x: Tensor, y: Tensor,
+                   meta: dict[str, Any]) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        for m in {id(e.model): e.model for e in entries}.values():
+            m.train(phase == "train")
+        first_bwd = next((e.backward for e in entries if e.mode == "asym"), None)
+        # inference does not depend on the backward mode: one asym instance measures it
+        active = [e for e in entries if phase == "train" or e.mode != "asym" or e.backward == first_bwd]
+        for e in active:
+            e.samples = {"step_s": [], "trusted_s": [], "accelerator_s": [], "blocked_s": []}
+        what = f"{meta['model']} ({meta['arch']}) {meta['input_size']}px batch {meta['batch_size']} {phase}"
+        self.log(f"[bench] {what}: warm-up {cfg.warmup}, {cfg.repeats} repeats x {len(active)} modes "
+                 f"on {self.device}")
+        for _ in range(cfg.warmup):
+            for e in active:
+                self._timed_step(e, phase, x, y)
+        for _ in range(cfg.repeats):
+            for e in active:
+                rec = self._timed_step(e, phase, x, y)
+                for k in e.samples:
+                    e.samples[k].append(rec[k])
+                e.last = rec
+        counted: dict[str, int] = {}
+        instr: dict[str, dict[str, Any]] = {}
+        analytic: float | None = None
+        for e in active:
+            instr[e.label] = self._instrumented_step(e, phase, x, y)
+            counted[e.mode] = instr[e.label]["counted_flops"]
+            if e.mode == "asym" and analytic is None:
+                analytic = analytic_fwd_conv_limit(meta["geometry"], self._conv_ranks(e))
+        if cfg.attribute:
+            for e in active:
+                if e.mode != "plain":
+                    instr[e.label]["attribution"] = self._attributed_step(e, phase, x, y)
+        total = counted.get("plain") or counted.get("trusted-only")
+        if total is None:
+            cpu_model = next(e.model for e in entries if not e.on_cuda)
+            total = self._count_model_flops(cpu_model, phase, x, y)
+        runs = []
+        for e in active:
+            r = self._record(e, phase, meta, total, instr[e.label], analytic)
+            runs.append(r)
+            self.log(f"[bench]   {e.label:<16} step {1e3 * r['step_s']:9.1f} ms  trusted "
+                     f"{1e3 * r['trusted_s']:9.1f} ms  accel {1e3 * r['accelerator_s']:9.1f} ms")
         return runs
 
     def _count_model_flops(self, model: nn.Module, phase: str, x: Tensor, y: Tensor) -> int:
@@ -402,15 +492,18 @@ class BenchRunner:
         _zero_grads(model)
         return int(fc.get_total_flops())
 
-    def _record(self, e: _Entry, phase: str, name: str, arch: str, base: str, size: int, batch: int,
-                total: int, ins: dict[str, Any], model_bytes: int, analytic: float | None) -> dict[str, Any]:
+    def _record(self, e: _Entry, phase: str, meta: dict[str, Any], total: int, ins: dict[str, Any],
+                analytic: float | None) -> dict[str, Any]:
         cfg = self.cfg
         med = {k: statistics.median(v) for k, v in e.samples.items()}
         split_mode = e.mode in ("asym", "noise-only")
         peak = ins["trusted_peak_bytes"]
+        model_bytes = meta["model_bytes"]
         resident = 0 if e.mode == "plain" else peak + model_bytes
+        batch = meta["batch_size"]
         return {
-            "model": name, "arch": arch, "model_name": base, "input_size": size, "batch_size": batch,
+            "model": meta["model"], "arch": meta["arch"], "model_name": meta["model_name"],
+            "input_size": meta["input_size"], "batch_size": batch,
             "mode": e.mode, "backward": e.backward if phase == "train" else None,
             "label": e.label, "phase": phase,
             "rank": cfg.rank if split_mode else None,
@@ -432,14 +525,10 @@ class BenchRunner:
             "released_by_kind": e.last.get("released_by_kind", {}),
             "breakdown": e.last.get("breakdown", {}),
             "limit_fwd_conv_analytic": analytic if e.mode == "asym" else None,
-            "repeats": cfg.repeats, "warmup": cfg.warmup,
+            "repeats": cfg.repeats, "warmup": cfg.warmup, "serialized": cfg.serialize,
             **({"layers": e.last["layers"]} if "layers" in e.last else {}),
+            **({"attribution": ins["attribution"]} if "attribution" in ins else {}),
         }
-
-
-def entries_first_backward(entries: list[_Entry]) -> str | None:
-    """The backward mode whose asym instance also measures inference (the first one configured)."""
-    return next((e.backward for e in entries if e.mode == "asym"), None)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:

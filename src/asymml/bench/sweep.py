@@ -108,8 +108,8 @@ def plot_sweep(result: Mapping[str, Any], path: str) -> str:
             if not pts:
                 continue
             k = s["slopes"][m]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{s['model']} {s['label']} {s['phase']}" + ("" if k is None else f" (slope {k:.2f})"))
+            label = f"{s['model']} {s['label']} {s['phase']}" + ("" if k is None else f" (slope {k:.2f})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(sw["param"])

@@ -18,7 +18,8 @@ def _csv(kind: type = str):
         try:
             return [kind(v.strip()) for v in s.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {s!r}") from None
+            msg = f"expected a comma-separated list of {kind.__name__}, got {s!r}"
+            raise argparse.ArgumentTypeError(msg) from None
 
     return parse
 
@@ -52,11 +53,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="modes to run (comma-separated)")
     g.add_argument("--backward", type=_csv(), default=["protected", "paper"],
                    help="backward mode(s) of asym in training")
-    g.add_argument("--num-classes", type=int, default=None, help="default: 10 (CIFAR-style), 1000 (torchvision)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="default: 10 (CIFAR-style), 1000 (torchvision)")
     g.add_argument("--width", type=float, default=1.0, help="channel width multiplier (CIFAR-style models)")
     g.add_argument("--optimizer-step", action="store_true", help="include an SGD step in each training step")
     s = p.add_argument_group("split settings")
-    s.add_argument("--rank", default="schedule", help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]]")
+    s.add_argument("--rank", default="schedule",
+                   help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]]")
     s.add_argument("--decomposition", default="power", choices=("power", "eigh", "svd", "rsvd"))
     s.add_argument("--iters", type=int, default=2, help="power-iteration rounds")
     s.add_argument("--basis", default="sample", choices=("sample", "batch"))
@@ -64,18 +67,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--grad-rank", default=None, help="rank of gradient decompositions (protected backward)")
     s.add_argument("--no-warm-start", action="store_true", help="do not warm-start power iterations")
     s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode")
-    s.add_argument("--asym-sigma", type=float, default=None, help="also noise asym's releases (default: no noise)")
+    s.add_argument("--asym-sigma", type=float, default=None,
+                   help="also noise asym's releases (default: no noise)")
     s.add_argument("--clip", type=float, default=1.0, help="per-sample clip bound of noised releases")
     m = p.add_argument_group("measurement")
     m.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median and IQR reported)")
     m.add_argument("--warmup", type=int, default=1, help="un-timed steps per mode first")
-    m.add_argument("--device", default="auto", help="accelerator device: auto (cuda if present), cpu, cuda[:N]")
-    m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    m.add_argument("--device", default="auto",
+                   help="accelerator device: auto (cuda if present), cpu, cuda[:N]")
+    m.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's default)")
     m.add_argument("--speed-ratio", type=float, default=10.0,
                    help="accelerator-to-TEE speed ratio of the projected speed-up")
     m.add_argument("--epc-mib", type=float, default=128, help="trusted memory budget (EPC), MiB")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--layers", action="store_true", help="add per-layer profiles of the split modes to the JSON")
+    m.add_argument("--layers", action="store_true",
+                   help="add per-layer profiles of the split modes to the JSON")
+    m.add_argument("--serialize", action="store_true",
+                   help="run each accelerator job only when the trusted side waits for it: no overlap, so "
+                        "per-side times are free of CPU contention (for CPU accelerators); step = sum")
+    m.add_argument("--attribute", action="store_true",
+                   help="profile one extra step per mode and split its trusted time by engine function and op kind")
     m.add_argument("--sweep", default=None, metavar="PARAM=V1,V2,…",
                    help="scaling sweep over batch, input or rank (log-log plot and growth exponents)")
     o = p.add_argument_group("output")
@@ -102,6 +114,7 @@ def _config(args: argparse.Namespace):
         noise_sigma=args.noise_sigma, clip=args.clip, asym_sigma=args.asym_sigma,
         epc_bytes=int(args.epc_mib * 2**20), num_classes=args.num_classes, width=args.width,
         optimizer_step=args.optimizer_step, seed=args.seed, layers=args.layers,
+        attribute=args.attribute, serialize=args.serialize,
     )
 
 

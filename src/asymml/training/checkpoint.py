@@ -76,11 +76,14 @@ def read_file(path: str | Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickle with unsafe globals...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{str(p)!r} is not a readable checkpoint (corrupt, truncated or not written by torch.save): "
-            f"{reason[:200]}"
-        ) from None
+        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+        unsafe = [s for s in lines if s.startswith("WeightsUnpickler error")]
+        if unsafe:
+            reason = ("it holds Python objects other than tensors and plain data, which are not loaded "
+                      f"(possible code execution): {unsafe[0].split(':', 1)[1].strip()[:160]}")
+        else:
+            reason = f"corrupt, truncated or not written by torch.save: {(lines or [type(e).__name__])[0][:200]}"
+        raise CheckpointError(f"{str(p)!r} is not a readable checkpoint ({reason})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -380,7 +380,7 @@ class Trainer:
             "history": self.history,
             "releases_by_kind_per_step": self.releases_by_kind_per_step,
             "elapsed_s": self.elapsed_before + time.perf_counter() - self._t_start,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def save(self) -> Path:
@@ -650,7 +650,7 @@ class Trainer:
             "releases_per_step": self.releases_by_kind_per_step,
             "history": h,
             "files": {k: str(v) for k, v in files.items()},
-            "versions": {"torch": torch.__version__, "asymml": _asymml_version()},
+            "versions": {"torch": str(torch.__version__), "asymml": _asymml_version()},
         }
         if self.noise_cfg is not None:
             eps = self.epsilon()

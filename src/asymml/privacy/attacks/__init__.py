@@ -1,0 +1,1 @@
+"""Privacy attacks on the release ledger (issue 5)."""

@@ -1,0 +1,255 @@
+"""``asymml bench``: JSON fields, derived-figure formulas, sweeps and the CLI (tiny models; not speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.grad import conv2d_weight
+from torch.utils.flop_counter import FlopCounterMode
+
+from asymml.bench import (
+    BenchConfig,
+    analytic_fwd_conv_limit,
+    derive_one,
+    markdown,
+    parse_sweep,
+    projected_speedup,
+    run_bench,
+    run_sweep,
+)
+from asymml.bench.derived import conv_macs
+from asymml.bench.flops import flop_counter, group_aware_registry
+from asymml.bench.runner import build_model, resolve_family
+from asymml.bench.sweep import loglog_slope
+from asymml.cli.main import main
+
+RUN_FIELDS = ("model", "input_size", "batch_size", "mode", "backward", "phase", "trusted_s", "accelerator_s",
+              "step_s", "trusted_flops", "total_flops", "trusted_peak_bytes", "released_bytes")
+DERIVED_FIELDS = ("trusted_speedup", "limit", "efficiency", "asym_vs_plain", "projected_speedup")
+
+
+def _tiny(**kw) -> BenchConfig:
+    base = dict(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, repeats=2, warmup=1,
+                device="cpu")
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_bench(_tiny(), log=lambda s: None)
+
+
+def test_runs_have_every_field_and_mode(result: dict) -> None:
+    runs = result["runs"]
+    for r in runs:
+        for k in RUN_FIELDS:
+            assert k in r, k
+        assert r["phase"] in ("train", "infer")
+        assert r["step_s"] > 0 and r["trusted_s"] >= 0 and r["accelerator_s"] >= 0
+        assert len(r["samples"]["step_s"]) == 2
+        assert r["spread"]["step_s"]["min"] <= r["step_s"] <= r["spread"]["step_s"]["max"]
+    train = {(r["mode"], r["backward"]) for r in runs if r["phase"] == "train"}
+    assert train == {("plain", None), ("trusted-only", None), ("asym", "protected"), ("asym", "paper"),
+                     ("noise-only", "protected")}
+    infer = {(r["mode"], r["backward"]) for r in runs if r["phase"] == "infer"}
+    assert infer == {("plain", None), ("trusted-only", None), ("asym", None), ("noise-only", None)}
+
+
+def test_per_mode_semantics(result: dict) -> None:
+    for r in result["runs"]:
+        if r["mode"] == "plain":
+            assert r["trusted_s"] == 0 and r["accelerator_s"] == r["step_s"]
+            assert r["trusted_flops"] == 0 and r["accelerator_flops"] == r["total_flops"] > 0
+        elif r["mode"] == "trusted-only":
+            assert r["trusted_s"] == r["step_s"] and r["accelerator_s"] == 0
+            assert r["released_bytes"] == 0 and r["accelerator_flops"] == 0
+            # the trusted side runs the whole model: same FLOPs as plain
+            assert r["trusted_flops"] == pytest.approx(r["total_flops"], rel=1e-6)
+            assert r["trusted_peak_bytes"] > 0
+        else:
+            assert r["released_bytes"] > 0
+            assert r["accelerator_flops"] > 0
+            assert r["trusted_s"] <= r["step_s"] + 1e-9
+            assert r["trusted_flop_fraction"] == pytest.approx(r["trusted_flops"] / r["total_flops"])
+        if r["mode"] == "asym":
+            assert set(r["released_by_kind"]) <= {"residual", "grad_residual", "grad", "weight"}
+            assert r["limit_fwd_conv_analytic"] is not None and r["limit_fwd_conv_analytic"] > 1
+            assert r["trusted_resident_bytes"] == r["trusted_peak_bytes"] + r["model_bytes"]
+            assert r["trusted_peak_bytes"] > 0
+        if r["mode"] == "asym" and r["backward"] == "protected":
+            assert "grad" not in r["released_by_kind"]  # protected mode never releases a full gradient
+        if r["mode"] == "asym" and r["backward"] == "paper":
+            assert r["released_by_kind"].get("grad", 0) > 0
+
+
+def test_derived_formulas(result: dict) -> None:
+    runs = {(r["phase"], r["mode"], r["backward"]): r for r in result["runs"]}
+    der = result["derived"]
+    assert {(d["phase"], d["backward"]) for d in der} == {("train", "protected"), ("train", "paper"),
+                                                          ("infer", None)}
+    for d in der:
+        for k in DERIVED_FIELDS:
+            assert k in d and d[k] is not None, k
+        to = runs[(d["phase"], "trusted-only", None)]
+        pl = runs[(d["phase"], "plain", None)]
+        a = runs[(d["phase"], "asym", d["backward"])]
+        assert d["trusted_speedup"] == pytest.approx(to["trusted_s"] / a["trusted_s"])
+        assert d["limit"] == pytest.approx(a["total_flops"] / a["trusted_flops"])
+        assert d["efficiency"] == pytest.approx(d["trusted_speedup"] / d["limit"])
+        assert d["asym_vs_plain"] == pytest.approx(a["step_s"] / pl["step_s"])
+        assert d["projected_speedup"] == pytest.approx(
+            to["trusted_s"] / max(a["trusted_s"], a["accelerator_s"] / d["speed_ratio"]))
+        assert d["speed_ratio"] == 10
+    for k in ("trusted_speedup", "limit", "efficiency", "projected_speedup", "asym_vs_plain"):
+        assert k in result["definitions"]
+    json.dumps(result)  # serialisable as is
+
+
+def test_markdown_lists_every_run(result: dict) -> None:
+    md = markdown(result)
+    n_split = sum(r["mode"] in ("asym", "noise-only") for r in result["runs"])  # trusted-time breakdown rows
+    assert md.count("| vgg11 |") == len(result["runs"]) + len(result["derived"]) + n_split
+    assert "projected speed-up (ratio 10)" in md
+
+
+def test_formula_helpers() -> None:
+    assert projected_speedup(10.0, 1.0, 5.0, ratio=10) == pytest.approx(10.0)
+    assert projected_speedup(10.0, 1.0, 50.0, ratio=10) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        projected_speedup(1.0, 1.0, 1.0, ratio=0)
+    to = {"trusted_s": 8.0, "step_s": 8.0}
+    asym = {"trusted_s": 2.0, "accelerator_s": 30.0, "step_s": 4.0, "total_flops": 100, "trusted_flops": 20}
+    d = derive_one(to, asym, {"step_s": 1.0}, ratio=5)
+    assert d["trusted_speedup"] == 4.0 and d["limit"] == 5.0 and d["efficiency"] == pytest.approx(0.8)
+    assert d["asym_vs_plain"] == 4.0 and d["end_to_end_speedup"] == 2.0
+    assert d["projected_speedup"] == pytest.approx(8.0 / 6.0)
+
+
+def test_analytic_conv_limit() -> None:
+    g = {"name": "c", "cin": 64, "cout": 64, "groups": 1, "kk": 9, "hw_in": 1024, "hw_out": 1024}
+    total, trusted = conv_macs(g, 4)
+    assert total == 64 * 64 * 9 * 1024
+    assert trusted == 4 * 64 * 64 * 9 + 4 * 64 * 9 * 1024
+    assert conv_macs(g, None) == (total, total)
+    assert conv_macs(g, 64) == (total, total)  # rank ≥ min(C, HW): not decomposed
+    assert analytic_fwd_conv_limit([g], {"c": 4}) == pytest.approx(total / trusted)
+
+
+def test_group_aware_conv_backward_flops() -> None:
+    B, O, r, H = 4, 8, 2, 6
+    x, d = torch.randn(1, B * r, H, H), torch.randn(1, B * O, H, H)
+    true = 2 * B * O * r * 9 * H * H
+    with flop_counter() as fc:
+        conv2d_weight(x, (B * O, r, 3, 3), d, padding=1, groups=B)
+    assert fc.get_total_flops() == true
+    with group_aware_registry(), FlopCounterMode(display=False) as fc2:
+        conv2d_weight(x, (B * O, r, 3, 3), d, padding=1, groups=B)
+    assert fc2.get_total_flops() == true
+    with FlopCounterMode(display=False) as fc3:  # the global registry is restored afterwards
+        conv2d_weight(x, (B * O, r, 3, 3), d, padding=1, groups=B)
+    assert fc3.get_total_flops() == true * B
+
+
+def test_model_family_resolution() -> None:
+    assert resolve_family("vgg16", 32) == "cifar:vgg16"
+    assert resolve_family("vgg16", 224) == "tv:vgg16"
+    assert resolve_family("resnet20", 224) == "cifar:resnet20"
+    assert resolve_family("resnet18", 32) == "tv:resnet18"
+    assert resolve_family("cifar:vgg11", 224) == "cifar:vgg11"
+    _, arch, base = build_model("vgg11", 8, width=0.125)
+    assert (arch, base) == ("cifar", "vgg11")
+
+
+def test_sweep_and_slopes() -> None:
+    assert parse_sweep("batch=2,4") == ("batch_size", [2, 4])
+    assert parse_sweep("input=16,32") == ("input_size", [16, 32])
+    assert parse_sweep("rank=1,2,4")[0] == "rank"
+    for bad in ("batch", "foo=1,2", "batch=4", "rank=a,b"):
+        with pytest.raises(ValueError):
+            parse_sweep(bad)
+    assert loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
+    assert loglog_slope([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
+    res = run_sweep(_tiny(modes=("trusted-only", "asym"), backwards=("paper",), phases=("infer",),
+                          repeats=1, warmup=0), "batch_size", [2, 4], log=lambda s: None)
+    assert res["sweep"]["param"] == "batch_size"
+    assert {r["sweep_value"] for r in res["runs"]} == {2, 4}
+    assert len(res["derived"]) == 2 and {d["sweep_value"] for d in res["derived"]} == {2, 4}
+    s = next(s for s in res["sweep"]["series"] if s["label"] == "asym/paper")
+    assert s["x"] == [2, 4] and s["released_bytes"][1] == 2 * s["released_bytes"][0]
+    assert s["slopes"]["released_bytes"] == pytest.approx(1.0)
+
+
+def test_cli_writes_json_markdown_and_png(tmp_path, capsys) -> None:
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", "vgg11", "--width", "0.125", "--input-size", "8", "--batch-size", "2",
+               "--phase", "infer", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--quiet",
+               "--speed-ratio", "4", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert {r["phase"] for r in data["runs"]} == {"infer"}
+    assert data["derived"][0]["speed_ratio"] == 4
+    assert math.isfinite(data["derived"][0]["projected_speedup"])
+    assert (tmp_path / "b.md").read_text().startswith("## asymml bench")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "| vgg11 |" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_options(capsys) -> None:
+    assert main(["bench", "--modes", "bogus", "--device", "cpu"]) == 2
+    assert "invalid mode" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path() -> None:
+    res = run_bench(_tiny(device="cuda", phases=("train",), backwards=("protected",)), log=lambda s: None)
+    assert {r["accelerator"] for r in res["runs"] if r["mode"] != "trusted-only"} == {"cuda"}
+    assert all(r["accelerator_s"] > 0 for r in res["runs"] if r["mode"] in ("plain", "asym"))
+
+
+def test_attribution_labels_engine_and_restores_it() -> None:
+    import asymml
+    from asymml import rules, runtime
+    from asymml.bench.attribution import attribute, attribution_table, op_class
+
+    before = (vars(rules.Conv2dRule)["trusted_forward"], runtime.decompose, vars(runtime.SplitModule)["_run_trusted"])
+    model, _, _ = build_model("vgg11", 8, width=0.125)
+    sm = asymml.split(model, mode="asym")
+    x = torch.randn(2, 3, 8, 8)
+    sm(x).sum().backward()
+    att = attribute(lambda: sm(x).sum().backward())
+    assert (vars(rules.Conv2dRule)["trusted_forward"], runtime.decompose,
+            vars(runtime.SplitModule)["_run_trusted"]) == before
+    cats = att["by_category"]
+    assert {"decompose", "conv fwd", "conv weight-grad"} <= set(cats)
+    assert att["op_s"] == pytest.approx(sum(sum(d.values()) for d in cats.values()))
+    assert "| **all ops** |" in attribution_table(att, att["step_wall_s"])
+    assert (op_class("aten::mkldnn_convolution"), op_class("aten::bmm"), op_class("aten::copy_"),
+            op_class("aten::linalg_cholesky_ex"), op_class("aten::relu")) == (
+        "conv", "gemm", "copy", "linalg", "elementwise/other")
+
+
+def test_serialized_measurement_has_no_overlap() -> None:
+    res = run_bench(_tiny(modes=("asym",), backwards=("protected",), repeats=1, warmup=0, serialize=True),
+                    log=lambda s: None)
+    for r in res["runs"]:
+        assert r["serialized"] is True
+        # every accelerator job starts only once the trusted side waits for it
+        assert r["blocked_s"] >= r["accelerator_s"] - 1e-3
+        assert r["step_s"] == pytest.approx(r["trusted_s"] + r["blocked_s"])
+
+
+def test_deferred_pool_runs_jobs_in_order_on_demand() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asymml.bench.runner import _DeferredPool
+
+    order: list[int] = []
+    pool = _DeferredPool(ThreadPoolExecutor(1))
+    futs = [pool.submit(lambda i=i: order.append(i) or i) for i in range(3)]
+    assert order == [] and not futs[0].done()
+    assert futs[1].result() == 1 and order == [0, 1, 2]  # waiting flushes every pending job, in order
+    pool.shutdown()

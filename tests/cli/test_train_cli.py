@@ -1,0 +1,111 @@
+"""``asymml train`` / ``asymml eval`` from the command line: a tiny run end to end, and every user error
+ending in one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asymml.cli.main import main
+
+TINY = ["--image-size", "16", "--width", "0.25", "--limit-train", "128", "--limit-test", "100",
+        "--batch-size", "32", "--epochs", "1", "--no-progress"]
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> str:
+    """Run ``asymml argv``; expect exit 2 and one error line containing ``match`` (no traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert match in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_every_output(run_dir: Path) -> None:
+    for name in ("summary.json", "checkpoint.pt", "model.pt", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["config"]["mode"] == "asym" and s["dataset"]["train_samples"] == 128
+    assert "epsilon" not in s  # noise off
+
+
+@pytest.mark.parametrize("mode", ["asym", "plain", "trusted-only", "noise-only"])
+def test_eval_in_any_mode(run_dir: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(run_dir), "--mode", mode, "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert res["mode"] == mode and res["samples"] == 100
+    assert res["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=0.011)  # noise off: round-off
+
+
+def test_eval_of_the_bare_state_dict(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(run_dir / "model.pt"), "--mode", "plain"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_resume_continues_and_config_file_options(run_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 2\nlog-every: 2\n")
+    assert main(["train", "--resume", str(run_dir), "--config", str(cfg), "--out", str(tmp_path / "more")]) == 0
+    s = json.loads((tmp_path / "more" / "summary.json").read_text())
+    assert s["epochs_completed"] == 2 and len(s["history"]) == 2 and s["config"]["log_every"] == 2
+    assert "resuming at epoch 2" in capsys.readouterr().out
+
+
+def test_bad_option_values(capsys: pytest.CaptureFixture[str]) -> None:
+    _error(capsys, ["train", "--epochs", "0"], "argument --epochs: must be a positive integer")
+    _error(capsys, ["train", "--lr", "fast"], "argument --lr: expected a number")
+    _error(capsys, ["train", "--mode", "turbo"], "invalid choice 'turbo'")
+    _error(capsys, ["train", "--rank", "adaptive:x"], "argument --rank")
+    _error(capsys, ["train", "--clip", "-1"], "argument --clip")
+    _error(capsys, ["train", "--noise", "1", "--epsilon", "2"], "conflicting options --noise and --epsilon")
+    _error(capsys, ["train", "--mode", "plain", "--nsr", "0.1"], "no effect in --mode plain")
+    _error(capsys, ["train", "--model", "nonet", *TINY], "unknown model 'nonet'")
+
+
+def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
+                          str(tmp_path / "o")], "cifar10 not found")
+    assert str(tmp_path) in err and "--download" in err
+    assert err.count("\n") == 1
+
+
+def test_corrupt_and_mismatched_checkpoints(run_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:1000])
+    _error(capsys, ["eval", str(bad)], "not a readable checkpoint")
+    _error(capsys, ["train", "--resume", str(bad)], "not a readable checkpoint")
+    _error(capsys, ["train", "--resume", str(run_dir), "--model", "resnet20", "--width", "0.5"],
+           "--model: 'vgg11_bn' in the checkpoint, 'resnet20' now")
+    _error(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no checkpoint at")
+    _error(capsys, ["train", *TINY, "--out", str(run_dir)], "already holds a checkpoint")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    _error(capsys, ["eval", str(tmp_path / "other.pt")], "does not fit model")
+
+
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("asymml")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "asymml.cli.main"]
+    p = subprocess.run([*cmd, "train", "--batch-size", "-3"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "argument --batch-size: must be a positive integer" in p.stderr

@@ -1,0 +1,60 @@
+"""Profiling: per-layer time and FLOPs on both sides, trusted peak memory against the EPC budget."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import asymml
+from asymml.models import get_model
+from asymml.profiling import TrustedMemoryMeter
+
+
+def test_profile_splits_flops_between_sides() -> None:
+    model = get_model("vgg11", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    sm = asymml.split(model, rank=2)
+    sm.set_profiling(True)
+    with torch.no_grad():
+        sm(x)
+    prof = sm.profile()
+    tot = prof.total
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    full = fc.get_total_flops()
+    # the accelerator does the full convolutions on residuals; the trusted side a small fraction
+    assert 0.9 * full <= tot["accelerator_flops"] <= 1.1 * full
+    assert 0 < tot["trusted_flops"] < 0.5 * full
+    assert 0 < tot["trusted_flop_fraction"] < 0.5
+    split_layers = [lp for lp in prof.layers if lp.kind == "split"]
+    assert split_layers and all(lp.trusted_s.get("forward", 0) > 0 for lp in split_layers)
+    assert any(sum(lp.accelerator_s.values()) > 0 for lp in prof.layers)
+    assert prof.trusted_peak_bytes is not None and prof.trusted_peak_bytes > x.numel() * 4
+    d = prof.to_dict()
+    assert d["epc_bytes"] == 128 * 2**20 and isinstance(d["within_epc"], bool)
+    assert d["released_bytes"]["residual"] > 0
+    assert "total" in prof.table()
+
+
+def test_profile_training_step_has_backward_times() -> None:
+    model = get_model("resnet20", num_classes=10)
+    sm = asymml.split(model, rank=2, backward="protected")
+    sm.set_profiling(True)
+    sm(torch.randn(2, 3, 32, 32)).sum().backward()
+    layers = [lp for lp in sm.profile().layers if lp.kind == "split"]
+    assert any(lp.trusted_s.get("backward", 0) > 0 for lp in layers)
+    assert any(lp.accelerator_s.get("backward", 0) > 0 for lp in sm.profile().layers)
+    sm.reset_profile()
+    assert sm.profile().total["trusted_s"] == 0
+
+
+def test_memory_meter_counts_live_tensors_and_excludes_public() -> None:
+    meter = TrustedMemoryMeter()
+    with meter:
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = a * 2
+        peak1 = meter.peak
+        meter.mark_public(b)
+        del a
+    assert peak1 >= 2 * 2**20
+    assert meter.current < 2**20  # a freed, b public
