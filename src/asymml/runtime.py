@@ -358,13 +358,11 @@ class SplitModule(nn.Module):
             a = acc.get(name, {})
             lp.accelerator_s = {k[:-2]: v for k, v in a.items() if k.endswith("_s")}
             lp.accelerator_flops = int(sum(v for k, v in a.items() if k.endswith("_flops")))
-            st = self._release_stats.get(name)
             layers.append(lp)
         for name, a in acc.items():
             if name not in self._layers:
                 layers.append(LayerProfile(name, "accelerator", {}, {k[:-2]: v for k, v in a.items() if k.endswith("_s")},
                                            0, int(sum(v for k, v in a.items() if k.endswith("_flops")))))
-        del st
         return Profile(layers, None if self._meter is None else self._meter.peak, self.cfg.epc_bytes,
                        dict(self.executor.ledger.bytes_by_kind), self._blocked)
 

@@ -253,3 +253,14 @@ def test_deferred_pool_runs_jobs_in_order_on_demand() -> None:
     assert order == [] and not futs[0].done()
     assert futs[1].result() == 1 and order == [0, 1, 2]  # waiting flushes every pending job, in order
     pool.shutdown()
+
+
+def test_memory_meter_ignores_views_of_weights() -> None:
+    from asymml.bench.memory import AliasAwareMemoryMeter
+
+    lin = torch.nn.Linear(512, 512)  # 1 MiB weight, viewed (t) inside F.linear
+    x = torch.randn(2, 512)
+    with torch.no_grad(), AliasAwareMemoryMeter() as meter:
+        meter.add(x)
+        lin(x)
+    assert meter.peak <= 2 * x.numel() * 4 + 4096  # the input and the output, not the weight

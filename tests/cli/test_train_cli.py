@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,15 @@ import torch
 from asymml.cli.main import main
 
 TINY = ["--image-size", "16", "--width", "0.25", "--limit-train", "128", "--limit-test", "100",
-        "--batch-size", "32", "--epochs", "1", "--no-progress"]
+        "--batch-size", "32", "--epochs", "1", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads() -> Iterator[None]:
+    """Runs here set torch's thread count; give the next test module the count it had."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ TINY: dict[str, Any] = dict(image_size=16, width=0.25, limit_train=256, limit_te
                             test_batch_size=200, lr=0.05, progress=False, log_every=4, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads() -> Any:
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads() -> Iterator[None]:
+    """Runs here set torch's thread count; give the next test module the count it had."""
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)

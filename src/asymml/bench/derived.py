@@ -34,9 +34,9 @@ DEFINITIONS: dict[str, str] = {
     "total_flops": "FLOPs of the same step in `plain` mode (the whole model, unsplit).",
     "trusted_flop_fraction": "trusted_flops / total_flops.",
     "trusted_peak_bytes": (
-        "peak bytes of live tensors created by the trusted thread during one step "
-        "(asymml.profiling.TrustedMemoryMeter; input batch included, released tensors and persistent "
-        "parameters excluded)."),
+        "peak bytes of live storages allocated by the trusted thread during one step (asymml's "
+        "TrustedMemoryMeter, not counting op outputs that alias an input, e.g. views of weights; input batch "
+        "and gradients created in the step included, released tensors and parameters excluded)."),
     "trusted_resident_bytes": "trusted_peak_bytes + parameter and buffer bytes (held by the trusted side).",
     "released_bytes": (
         "bytes of tensors derived from private data handed to the accelerator per step (all ledger kinds "

@@ -6,10 +6,14 @@ then for each phase (``train``, ``infer``):
 
 1. ``warmup`` un-timed steps per mode, interleaved;
 2. ``repeats`` rounds of one timed step per mode (interleaved, so drifts hit every mode alike);
-3. one instrumented step per mode: FLOPs (``FlopCounterMode`` in the trusted thread, the executor's FLOP
-   counter on the accelerator side) and trusted peak memory (:class:`~asymml.profiling.TrustedMemoryMeter`).
+3. one instrumented step per mode: FLOPs (``FlopCounterMode`` in the trusted thread with a group-aware
+   convolution-backward formula, the executor's FLOP counter on the accelerator side) and trusted peak
+   memory (:class:`~asymml.bench.memory.AliasAwareMemoryMeter`; released tensors are marked public);
+4. optionally (``attribute``) one step under ``torch.profiler`` (:mod:`asymml.bench.attribution`).
 
-Instrumentation is never on during timed steps.
+Instrumentation is never on during timed steps. With ``serialize`` the accelerator jobs of a CPU executor
+run only while the trusted side waits for them, so the two sides' times do not include contention for the
+same cores.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..executors.local import LocalExecutor
 from ..profiling import EPC_DEFAULT_BYTES, TrustedMemoryMeter
 from .derived import DEFAULT_SPEED_RATIO, analytic_fwd_conv_limit, conv_geometry
 from .flops import flop_counter, group_aware_registry
+from .memory import AliasAwareMemoryMeter
 
 MODES = ("plain", "trusted-only", "asym", "noise-only")
 BACKWARDS = ("protected", "paper")
@@ -368,7 +373,7 @@ class BenchRunner:
         sm = e.sm
         sm.reset_profile()
         sm.executor.set_profiling(True)
-        meter = TrustedMemoryMeter()
+        meter = AliasAwareMemoryMeter()
         try:
             with group_aware_registry(), flop_counter() as fc:
                 with meter:

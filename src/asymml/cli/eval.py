@@ -57,18 +57,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import CheckpointError
-    from ..training.checkpoint import FORMAT, find_checkpoint, read_file
+    from ..training.checkpoint import FORMAT, check_checkpoint, find_checkpoint, is_state_dict, read_file
     from ..training.config import TrainConfig, given_options
     from ..training.loop import Batches, build_model, build_split, evaluate, noise_config
 
     path = find_checkpoint(args.checkpoint)
     obj = read_file(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        from ..training.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path)
+        ckpt = check_checkpoint(obj, path)
         base, state, sigma = ckpt["config"], ckpt["model"], ckpt.get("sigma")
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif is_state_dict(obj):
         base, state, sigma = _sibling_config(path) or {}, obj, None
     else:
         raise CheckpointError(f"{str(path)!r} is neither an asymml checkpoint nor a state_dict")

@@ -203,10 +203,7 @@ class _Connection:
         pid = _field(prog_msg, "pid", int, "an integer")
         if "instrs" in prog_msg:
             self.programs[pid] = decode_program(prog_msg["instrs"])
-        program = self.programs.get(pid)
-        if program is None:
-            raise ProtocolError(f"forward: unknown program {pid}")
-        inputs = {n: self._handle(h) for n, h in _int_map(msg, "inputs").items()}
+        # state updates first (the client assumes they happened), then the checks that may refuse the job
         weights = _field(msg, "weights", list, "a list of [id, tensor] pairs")
         for w in weights:
             if not (isinstance(w, list) and len(w) == 2 and type(w[0]) is int and isinstance(w[1], torch.Tensor)):
@@ -216,6 +213,10 @@ class _Connection:
             self.weights[wid] = t
         for wid in _ids(msg, "drop"):
             self._forget_weight(self.weights.pop(wid, None))
+        program = self.programs.get(pid)
+        if program is None:
+            raise ProtocolError(f"forward: unknown program {pid}")
+        inputs = {n: self._handle(h) for n, h in _int_map(msg, "inputs").items()}
         params = {}
         for n, wid in _int_map(msg, "params").items():
             if wid not in self.weights:

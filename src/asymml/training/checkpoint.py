@@ -26,9 +26,12 @@ __all__ = [
     "VERSION",
     "atomic_save",
     "capture_rng",
+    "check_checkpoint",
     "check_compatible",
     "find_checkpoint",
+    "is_state_dict",
     "load_checkpoint",
+    "read_file",
     "restore_rng",
     "split_state",
     "load_split_state",
@@ -86,15 +89,23 @@ def read_file(path: str | Path) -> Any:
         raise CheckpointError(f"{str(p)!r} is not a readable checkpoint ({reason})") from None
 
 
+def is_state_dict(obj: Any) -> bool:
+    """Whether ``obj`` looks like a bare ``state_dict`` (a non-empty mapping of names to tensors)."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an asymml training checkpoint; refuse corrupt files and other kinds of file clearly."""
-    ckpt = read_file(path)
+    return check_checkpoint(read_file(path), path)
+
+
+def check_checkpoint(ckpt: Any, path: str | Path) -> dict[str, Any]:
+    """``ckpt`` (what :func:`read_file` returned) if it is a complete asymml training checkpoint."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not an asymml training checkpoint"
             + (" (it looks like a bare state_dict: evaluate it with `asymml eval FILE --model NAME`)"
-               if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-               else "")
+               if is_state_dict(ckpt) else "")
         )
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r}: checkpoint version {ckpt.get('version')!r} is not supported "

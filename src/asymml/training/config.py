@@ -231,7 +231,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("batch_size", positive_int, 64, "training batch size (the last partial batch is dropped)",
        "optimisation", metavar="N"),
     _o("test_batch_size", positive_int, 256, "evaluation batch size", "optimisation", metavar="N"),
-    _o("epochs", positive_int, 15, "number of epochs", "optimisation", metavar="N"),
+    _o("epochs", positive_int, 10, "number of epochs", "optimisation", metavar="N"),
     _o("lr", positive_float, 0.05, "initial learning rate (SGD)", "optimisation"),
     _o("scheduler", choice(*SCHEDULERS), "cos", "learning-rate schedule, updated every step: cos (cosine to "
        "0), step (x lr_gamma every lr_step epochs), none", "optimisation"),
@@ -311,7 +311,7 @@ class TrainConfig:
     threads: int | None = None
     batch_size: int = 64
     test_batch_size: int = 256
-    epochs: int = 15
+    epochs: int = 10
     lr: float = 0.05
     scheduler: str = "cos"
     lr_step: int | None = None
@@ -397,10 +397,22 @@ class TrainConfig:
             )
         if self.epsilon is not None and isinstance(self.clip, str):
             raise ConfigError("--epsilon needs a fixed --clip: an adaptive clip is not formally accounted")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs --momentum > 0")
         if self.tau is not None and self.rank != "schedule":
             raise ConfigError("conflicting options --rank and --tau: --tau TAU means --rank adaptive:TAU")
         if self.scheduler != "step" and self.lr_step is not None:
             raise ConfigError("--lr-step only applies to --scheduler step")
+        if not is_cifar_model(self.model):
+            from ..models import MODELS, torchvision_models
+
+            name = self.model.strip().lower()
+            name = name.split(":", 1)[1] if name.startswith(("tv:", "torchvision:")) else name
+            if name not in torchvision_models():
+                raise ConfigError(
+                    f"unknown model {self.model!r}; CIFAR-style models: {', '.join(MODELS)}; or any torchvision "
+                    "classification model (resnet18, mobilenet_v2, ...; see torchvision.models.list_models())"
+                )
         if self.width is not None and not is_cifar_model(self.model):
             raise ConfigError(f"--width applies to the CIFAR-style models only, not to {self.model!r}")
         return self
@@ -500,11 +512,15 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in _BY_NAME}
 
 
-def resolve_config(cli: Mapping[str, Any], file: str | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """``base`` (defaults) updated by the config ``file`` and then by the command-line values ``cli``."""
+def resolve_config(
+    cli: Mapping[str, Any], file_values: Mapping[str, Any] | None = None, base: TrainConfig | None = None,
+    *, source: str = "config file",
+) -> TrainConfig:
+    """``base`` (default: the defaults) updated by a config file's values, then by the command-line values
+    ``cli`` (already converted by argparse)."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    if file is not None:
-        cfg.update(load_config_file(file), source=f"config file {file}")
+    if file_values:
+        cfg.update(file_values, source=source)
     for name, value in cli.items():
         setattr(cfg, name, value)
     return cfg

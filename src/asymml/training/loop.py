@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -301,6 +302,7 @@ class Trainer:
                 self.sigma = self.noise_cfg.resolve_noise_multiplier(releases_per_step=1, steps=1)
             mechanism = ReleaseMechanism(self.noise_cfg, sigma=self.sigma if self.noise_cfg.nsr is None else None)
         self.sm = build_split(self.model, cfg, noise=mechanism)
+        _init_worker_threads(self.sm.executor)
         if cfg.mode == "plain":
             self.model.to(self.sm.executor.device)  # the whole model lives on the accelerator
         self.accountant = PrivacyLedgerAccountant(cfg.accountant) if self.noise_cfg is not None else None
@@ -468,7 +470,9 @@ class Trainer:
             return None
         if self.unnoised_releases:
             return math.inf
-        return float(self.accountant.get_epsilon(self.cfg.delta))
+        with warnings.catch_warnings():  # Opacus' hints about its range of RDP orders
+            warnings.simplefilter("ignore", UserWarning)
+            return float(self.accountant.get_epsilon(self.cfg.delta))
 
     def fit(self) -> TrainResult:
         """Train to ``cfg.epochs`` (from where a restored checkpoint stopped); write checkpoints, the
@@ -480,7 +484,11 @@ class Trainer:
         logger = RunLogger(self.out / "tensorboard" if cfg.tensorboard else None,
                            purge_step=self.global_step if self.global_step else None)
         self._t_start = time.perf_counter()
-        self._header()
+        if self.epoch >= cfg.epochs:
+            self.echo(f"{self.out}: the checkpoint has completed {self.epoch} epochs already; nothing to train "
+                      "(pass a larger --epochs to train on)")
+        else:
+            self._header()
         status = "completed"
         try:
             with self.stop:
@@ -566,7 +574,7 @@ class Trainer:
             "epsilon": eps,
         }
         self.history.append(entry)
-        logger.epoch(self.epoch, {k: v for k, v in entry.items() if k != "epoch"})
+        logger.epoch(self.global_step, entry)
         line = (f"epoch {self.epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  train loss {entry['train_loss']:.4f} "
                 f"acc {100 * entry['train_accuracy']:5.2f}%  test loss {entry['test_loss']:.4f} "
                 f"acc {100 * entry['test_accuracy']:5.2f}%  lr {entry['lr']:.4g}  {entry['epoch_seconds']:.1f}s "
@@ -684,6 +692,18 @@ class Trainer:
             )
         self.sm.executor.close()
         return TrainResult(summary)
+
+
+def _init_worker_threads(executor: Any) -> None:
+    """Make the in-process accelerator thread adopt torch's thread count now.
+
+    A new thread picks up ``torch.set_num_threads`` lazily, at its first parallel op; ops before that run
+    with the default count, which changes their round-off.  Without this, a run resumed with ``--threads``
+    would differ from the uninterrupted run in the last bits (the worker thread starts at another step).
+    """
+    pool = getattr(executor, "_pool", None)
+    if pool is not None:
+        pool.submit(torch.get_num_threads).result()
 
 
 def _asymml_version() -> str:

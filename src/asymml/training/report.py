@@ -23,7 +23,7 @@ class RunLogger:
     ``rank/<layer>`` and the per-sample residual energy ratio ``‖R‖²/‖X‖²`` as histogram
     ``residual_energy/<layer>`` (the prototype's ``--rankdist``), plus ``rank/all_layers`` (the rank
     distribution over layers).  Epoch logs: ``epoch/*`` (losses, accuracies, lr, seconds, time split,
-    epsilon), indexed by epoch.
+    epsilon), at the global step that ends the epoch.
     """
 
     def __init__(self, log_dir: Path | None, *, purge_step: int | None = None) -> None:
@@ -60,12 +60,13 @@ class RunLogger:
         if ranks:
             self.writer.add_histogram("rank/all_layers", torch.tensor(ranks), step)
 
-    def epoch(self, epoch: int, scalars: Mapping[str, float | None]) -> None:
+    def epoch(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        """Log the end-of-epoch figures at global step ``step`` (``epoch/epoch`` holds the epoch number)."""
         if self.writer is None:
             return
         for k, v in scalars.items():
             if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(f"epoch/{k}", v, epoch)
+                self.writer.add_scalar(f"epoch/{k}", v, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -25,7 +25,8 @@ def prepare(cli: Mapping[str, Any] | None = None, config_file: str | None = None
     """
     cli = dict(cli or {})
     file_values = load_config_file(config_file) if config_file is not None else {}
-    probe = resolve_config(cli, config_file)
+    source = f"config file {config_file}"
+    probe = resolve_config(cli, file_values, source=source)
     if probe.resume is None:
         return probe.validate(), None
     target = probe.resume or probe.out
@@ -37,7 +38,7 @@ def prepare(cli: Mapping[str, Any] | None = None, config_file: str | None = None
     explicit_out = "out" in cli or "out" in {str(k).replace("-", "_") for k in file_values}
     if not explicit_out:
         base.out = str(path.parent)
-    cfg = resolve_config(cli, config_file, base)
+    cfg = resolve_config(cli, file_values, base, source=source)
     cfg.resume = str(path)
     cfg.validate()
     check_compatible(ckpt, cfg, path)

@@ -169,10 +169,12 @@ def gradient_leakage_attack(
     seed: int = 0,
     classifier: str | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    per_layer: bool = False,
 ) -> DLGResult:
     """Reconstruct ``capture``'s private batch from its revealed update (Adam on the dummy batch).
 
     ``classifier``: name of the last linear weight (default: the last 2-D parameter) for label inference.
+    ``per_layer``: average the cosine per revealed tensor instead of over their concatenation (weaker here).
     """
     if not capture.grads:
         raise ConfigError(f"mode {capture.mode!r} revealed no parameter update: nothing to attack")
@@ -208,9 +210,13 @@ def gradient_leakage_attack(
             out = model(x)
             loss = loss_fn(out, labels) if z is None else soft_cross_entropy(out, F.softmax(z, 1))
             g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
-            dot = sum((a * b).sum() for a, b in zip(g, target))
-            gnorm = torch.sqrt(sum((a * a).sum() for a in g)).clamp_min(1e-12)
-            cos = dot / (gnorm * tnorm)
+            if per_layer:
+                cos = sum(F.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-20)
+                          for a, b in zip(g, target)) / len(g)
+            else:
+                dot = sum((a * b).sum() for a, b in zip(g, target))
+                gnorm = torch.sqrt(sum((a * a).sum() for a in g)).clamp_min(1e-12)
+                cos = dot / (gnorm * tnorm)
             obj = 1 - cos + tv * _tv(x)
             opt.zero_grad(set_to_none=True)
             obj.backward()

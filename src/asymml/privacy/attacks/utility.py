@@ -24,6 +24,7 @@ from torch import Tensor
 from ...errors import ConfigError
 from ..accounting import PrivacyLedgerAccountant, solve_sigma
 from .common import AttackMode, Calibration, build_split, calibrate, check_privacy_options
+from .statistics import energy_ratios
 
 __all__ = ["UtilityConfig", "UtilityResult", "DigitsTask", "train_utility"]
 
@@ -134,6 +135,7 @@ class UtilityResult:
     sample_rate: float
     seconds: float
     accountant: dict[str, Any] = field(default_factory=dict)
+    release_energy: dict[str, dict[str, float]] = field(default_factory=dict)  # test set, trained weights
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +180,9 @@ def train_utility(task: DigitsTask, mode: AttackMode, *, progress: Any = None) -
             progress(step + 1, task.steps, loss_v)
     seconds = time.perf_counter() - t0
     model.eval()
-    test_acc = _accuracy(sm, task.x_test, task.y_test)
+    test_acc = _accuracy(sm, task.x_test, task.y_test, batch=len(task.y_test))
+    energy = energy_ratios(sm.release_stats()) if mode.split_mode != "plain" else {
+        "input": {"rank": 0, "mean": 1.0, "max": 1.0}}
     clean = copy.deepcopy(model).eval()
     test_clean = _accuracy(clean, task.x_test, task.y_test)
     eps = acc.get_epsilon(mode.delta) if mode.noisy else math.inf
@@ -187,5 +191,5 @@ def train_utility(task: DigitsTask, mode: AttackMode, *, progress: Any = None) -
         epsilon=None if not math.isfinite(eps) else eps, delta=mode.delta,
         test_accuracy=test_acc, test_accuracy_noiseless=test_clean, final_loss=loss_v, steps=task.steps,
         releases_per_step=task.calibration(mode.name).releases_per_step, sample_rate=task.sample_rate,
-        seconds=seconds, accountant=acc.describe() if mode.noisy else {},
+        seconds=seconds, accountant=acc.describe() if mode.noisy else {}, release_energy=energy,
     )

@@ -1,0 +1,618 @@
+"""``asymml privacy`` report: utility (digits test accuracy) and attacks (inversion, gradient leakage,
+statistics) for the four modes -- plain, noise-only at several epsilon, asym, asym+noise at the same
+epsilon -- written to a directory:
+
+* ``privacy.json``  -- ``rows`` (one per mode and epsilon: ``mode, sigma, epsilon, delta, test_accuracy,
+  inversion_psnr, inversion_ssim, dlg_psnr`` and more), the configuration, the claim check, notes;
+* ``figures.json``  -- the data behind every plot;
+* ``summary.md``    -- the table, the verdict on the paper's claim, what epsilon composes, caveats;
+* ``grid_inversion.png`` / ``grid_dlg.png`` -- original | what the accelerator saw | best reconstruction;
+* ``privacy_utility.png`` -- test accuracy vs epsilon and vs attack PSNR, asym against noise-only.
+
+How epsilon is set: for each mode and target epsilon, the per-release noise multiplier sigma is solved
+(Opacus RDP) for the digits training run -- every noised release of a sample (forward residuals and, in
+``protected`` backward, gradient residuals) composed over all steps, Poisson sampling. The photo attacks
+use the same sigma and the same clip rule. The weight updates are *not* noised by asymml, so epsilon does
+not cover them (the gradient-leakage attack measures what they give away).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .attacks.common import ATTACK_MODES, AttackMode, Calibration, build_split, calibrate, check_privacy_options
+from .attacks.gradient import DLGResult, capture_update, gradient_leakage_attack
+from .attacks.inversion import InversionResult, PhotoTask, capture_training_releases, inversion_attack
+from .attacks.statistics import MI_ESTIMATOR, energy_ratios, mutual_information
+from .attacks.utility import DigitsTask, UtilityConfig, UtilityResult, train_utility
+
+__all__ = ["ReportConfig", "PrivacyRun", "run_report", "run_attack", "claim_check", "summary_markdown"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Everything that decides a privacy report (defaults: the full ~10 minute run)."""
+
+    epsilons: tuple[float, ...] = (1.0, 8.0, 64.0)
+    sigmas: tuple[float, ...] = ()  # noise multipliers instead of epsilons (then epsilon is only reported)
+    delta: float = 1e-5
+    noise_ratio: float = 0.1
+    modes: tuple[str, ...] = ATTACK_MODES
+    utility: UtilityConfig = field(default_factory=UtilityConfig)
+    inversion_layers: tuple[str, ...] | None = None  # None: "input" and the first hidden release
+    inversion_epochs: int = 3
+    decoder_width: int = 16
+    public_per_image: int = 128
+    private_per_image: int = 64
+    photo_model: str = "vgg11_bn"
+    dlg_model: str = "vgg11"
+    dlg_patch_size: int = 16
+    dlg_batch_sizes: tuple[int, ...] = (1, 8)
+    dlg_iters: int = 200
+    dlg_step_lr: float = 0.1
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> ReportConfig:
+        """A ~1-2 minute version: one epsilon, short training, linear decoders, short DLG."""
+        base = cls(epsilons=(8.0,), utility=UtilityConfig(epochs=3), inversion_epochs=0,
+                   public_per_image=64, private_per_image=32, dlg_iters=100, quick=True)
+        return replace(base, **overrides)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for unusable options (bad epsilon/delta, unknown modes, ...)."""
+        if not self.modes:
+            raise ConfigError("need at least one mode")
+        for m in self.modes:
+            if m not in ATTACK_MODES:
+                raise ConfigError(f"unknown mode {m!r}; choose from {', '.join(ATTACK_MODES)}")
+        if self.sigmas and self.epsilons:
+            raise ConfigError("conflicting options: give epsilons or sigmas, not both (sigma is solved from epsilon)")
+        if any(m in ("noise-only", "asym+noise") for m in self.modes) and not (self.epsilons or self.sigmas):
+            raise ConfigError("noise-only / asym+noise need at least one epsilon (or sigma)")
+        for e in self.epsilons:
+            check_privacy_options(epsilon=e)
+        for sg in self.sigmas:
+            check_privacy_options(sigma=sg)
+            if sg == 0:
+                raise ConfigError("sigma must be > 0 for the noisy modes (use mode 'asym' for no noise)")
+        check_privacy_options(delta=self.delta, noise_ratio=self.noise_ratio)
+        self.utility.validate()
+        for name in ("inversion_epochs", "dlg_iters", "decoder_width", "public_per_image", "private_per_image",
+                     "dlg_patch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "inversion_epochs" else 1):
+                raise ConfigError(f"{name} must be a {'non-negative' if name == 'inversion_epochs' else 'positive'} "
+                                  f"integer (got {v!r})")
+        if not self.dlg_batch_sizes or any(b < 1 for b in self.dlg_batch_sizes):
+            raise ConfigError(f"dlg batch sizes must be positive (got {self.dlg_batch_sizes!r})")
+        if max(self.dlg_batch_sizes) > 4 * self.private_per_image:
+            raise ConfigError("dlg batch size larger than the private set")
+        if not self.dlg_step_lr > 0:
+            raise ConfigError("dlg_step_lr must be > 0")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _first_hidden_release(task: PhotoTask) -> str | None:
+    sm = build_split(task.make_model().train(), AttackMode("asym"), audit=True, rank=task.rank, seed=task.seed)
+    with torch.no_grad():
+        sm(task.x_public[:4])
+    for r in sm.executor.ledger:
+        if r.kind == "residual" and r.layer != "input":
+            return r.layer
+    return None
+
+
+@torch.no_grad()
+def _photo_energy(task: PhotoTask, mode: AttackMode, clips: dict[str, float] | None) -> dict[str, dict[str, float]]:
+    if mode.split_mode == "plain":
+        return {"input": {"rank": 0, "mean": 1.0, "max": 1.0}}
+    sm = build_split(task.make_model().train(), mode, clips, audit=False, rank=task.rank, seed=task.seed)
+    sm(task.x_private)
+    return energy_ratios(sm.release_stats())
+
+
+def _modes(cfg: ReportConfig, digits: DigitsTask) -> list[AttackMode]:
+    out = []
+    for name in ATTACK_MODES:
+        if name not in cfg.modes:
+            continue
+        if name in ("noise-only", "asym+noise"):
+            if cfg.sigmas:
+                out.extend(digits.mode(name, sigma=s, delta=cfg.delta) for s in cfg.sigmas)
+            else:
+                out.extend(digits.mode(name, epsilon=e, delta=cfg.delta) for e in cfg.epsilons)
+        else:
+            out.append(AttackMode(name, delta=cfg.delta))
+    return out
+
+
+def _num(x: float | None, nd: int = 4) -> float | None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), nd)
+
+
+def _rounded(d: dict[str, Any], nd: int = 4) -> dict[str, Any]:
+    return {k: _num(v, nd) if isinstance(v, float) else v for k, v in d.items()}
+
+
+class PrivacyRun:
+    """Data, tasks and calibrations shared by the attacks of one report (see :func:`run_report`)."""
+
+    def __init__(self, cfg: ReportConfig, log: Log | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.say = log or (lambda s: None)
+        self.say("preparing data and calibrating clip bounds on public data")
+        self.digits = DigitsTask(replace(cfg.utility, noise_ratio=cfg.noise_ratio))
+        self.modes = _modes(cfg, self.digits)
+        self.photo = PhotoTask(public_per_image=cfg.public_per_image, private_per_image=cfg.private_per_image,
+                               model=cfg.photo_model, width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed)
+        self.dlg_task = PhotoTask(patch_size=cfg.dlg_patch_size, public_per_image=16,
+                                  private_per_image=cfg.private_per_image, model=cfg.dlg_model,
+                                  width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed)
+        first = _first_hidden_release(self.photo)
+        self.layers = list(cfg.inversion_layers or ["input"] + ([first] if first else []))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.dlg_batches = {b: torch.randperm(len(self.dlg_task.x_private), generator=gen)[:b]
+                            for b in cfg.dlg_batch_sizes}
+        self._photo_cal: dict[str, Calibration] = {}
+        self._dlg_cal: dict[str, Calibration] = {}
+
+    # ---------------------------------------------------------------- per-mode pieces
+    def clips(self, mode: AttackMode, task: str) -> dict[str, float] | None:
+        """Clip bounds of ``mode`` on the ``"photo"`` or ``"dlg"`` model (None without noise)."""
+        if not mode.noisy:
+            return None
+        t, cache = (self.photo, self._photo_cal) if task == "photo" else (self.dlg_task, self._dlg_cal)
+        if mode.name not in cache:
+            n = min(128, len(t.x_public))
+            cache[mode.name] = calibrate(t.make_model(), mode, t.x_public[:n], t.y_public[:n], loss_fn=t.loss,
+                                         split_kw={"rank": t.rank})
+        return cache[mode.name].clips(mode.sigma, self.cfg.noise_ratio)
+
+    def utility(self, mode: AttackMode) -> UtilityResult:
+        self.say(f"[{mode.label}] sigma={mode.sigma:.4g}: training on digits")
+        return train_utility(self.digits, mode)
+
+    def inversion(self, mode: AttackMode, *, decoders: bool = True) -> tuple[dict[str, InversionResult],
+                                                                            dict[str, dict[str, Any]]]:
+        """Inversion results and MI estimates per attacked layer (``decoders=False``: MI only)."""
+        self.say(f"[{mode.label}] releases of layers {', '.join(self.layers)} during private training")
+        cap = capture_training_releases(self.photo, mode, self.clips(mode, "photo"), self.layers)
+        inv: dict[str, InversionResult] = {}
+        mi: dict[str, dict[str, Any]] = {}
+        for layer in cap.private:
+            if decoders:
+                inv[layer] = inversion_attack(cap, layer, mode_name=mode.name, epochs=self.cfg.inversion_epochs,
+                                              width=self.cfg.decoder_width, seed=self.cfg.seed)
+            mi[layer] = mutual_information(cap.public_images, cap.public[layer], cap.private_images,
+                                           cap.private[layer], seed=self.cfg.seed).as_dict()
+        return inv, mi
+
+    def dlg(self, mode: AttackMode) -> dict[int, DLGResult]:
+        """Gradient-leakage results per batch size (empty when no update is revealed)."""
+        cfg, t = self.cfg, self.dlg_task
+        self.say(f"[{mode.label}] gradient leakage (batch sizes {', '.join(map(str, cfg.dlg_batch_sizes))})")
+        out: dict[int, DLGResult] = {}
+        for b, idx in self.dlg_batches.items():
+            upd = capture_update(t.make_model(), mode, self.clips(mode, "dlg"), t.x_private[idx], t.y_private[idx],
+                                 lr=cfg.dlg_step_lr, loss_fn=t.loss, probe=t.x_public[:2],
+                                 split_kw={"rank": t.rank, "seed": cfg.seed})
+            if upd.grads:
+                out[b] = gradient_leakage_attack(upd, iters=cfg.dlg_iters, num_classes=t.num_classes,
+                                                 seed=cfg.seed, loss_fn=t.loss)
+        return out
+
+    def energy(self, mode: AttackMode) -> dict[str, dict[str, float]]:
+        return _photo_energy(self.photo, mode, self.clips(mode, "photo"))
+
+
+def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None) -> dict[str, Any]:
+    """Run every attack on every mode, write the report into ``out_dir`` and return ``privacy.json``'s data."""
+    t_start = time.perf_counter()
+    run = PrivacyRun(cfg, log)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    examples: dict[str, dict[str, Any]] = {}
+    for mode in run.modes:
+        t0 = time.perf_counter()
+        util = run.utility(mode)
+        inv, mi = run.inversion(mode)
+        best = max(inv.values(), key=lambda r: r.psnr)
+        dlg = run.dlg(mode)
+        b1 = min(dlg) if dlg else None
+        row: dict[str, Any] = {
+            "mode": mode.name,
+            "label": mode.label,
+            "split_mode": mode.split_mode,
+            "sigma": _num(mode.sigma, 6),
+            "epsilon": _num(util.epsilon),
+            "epsilon_target": mode.epsilon,
+            "delta": mode.delta,
+            "test_accuracy": _num(util.test_accuracy),
+            "test_accuracy_noiseless": _num(util.test_accuracy_noiseless),
+            "inversion_psnr": _num(best.psnr, 3),
+            "inversion_ssim": _num(best.ssim, 4),
+            "inversion_layer": best.layer,
+            "inversion_baseline_psnr": _num(best.baseline_psnr, 3),
+            "inversion_baseline_ssim": _num(best.baseline_ssim, 4),
+            "inversion": {k: _rounded(r.as_dict()) for k, r in inv.items()},
+            "dlg_psnr": _num(dlg[b1].psnr, 3) if b1 is not None else None,
+            "dlg_ssim": _num(dlg[b1].ssim, 4) if b1 is not None else None,
+            **{f"dlg_psnr_b{b}": (_num(dlg[b].psnr, 3) if b in dlg else None) for b in cfg.dlg_batch_sizes},
+            "dlg": {str(b): _rounded(r.as_dict()) for b, r in dlg.items()},
+            "dlg_revealed": dlg[b1].revealed if b1 is not None else [],
+            "mi_nats": _num(mi["input"]["total"] if "input" in mi else next(iter(mi.values()))["total"])
+            if mi else None,
+            "mi": {k: {kk: vv for kk, vv in v.items() if kk != "estimator"} for k, v in mi.items()},
+            "energy_ratio_photos": run.energy(mode),
+            "energy_ratio_digits": util.release_energy,
+            "releases_per_step": util.releases_per_step,
+            "steps": util.steps,
+            "sample_rate": _num(util.sample_rate, 6),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        rows.append(row)
+        examples[mode.label] = {"inversion": best, "dlg": dlg}
+        run.say(f"[{mode.label}] acc={row['test_accuracy']} eps={row['epsilon']} inversion={row['inversion_psnr']} "
+                f"dB dlg(b1)={row['dlg_psnr']} dB ({row['seconds']} s)")
+
+    data: dict[str, Any] = {
+        "rows": rows,
+        "claim": claim_check(rows),
+        "config": _config_dict(cfg),
+        "inversion_layers": run.layers,
+        "mi_estimator": MI_ESTIMATOR,
+        "notes": NOTES,
+        "command": _command(cfg),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / "privacy.json").write_text(json.dumps(data, indent=2, allow_nan=False))
+    figures = _figures(rows)
+    (out / "figures.json").write_text(json.dumps(figures, indent=2, allow_nan=False))
+    _grid_inversion(examples, out / "grid_inversion.png")
+    _grid_dlg(examples, out / "grid_dlg.png")
+    _plot(figures, out / "privacy_utility.png")
+    (out / "summary.md").write_text(summary_markdown(data))
+    run.say(f"report written to {out} in {data['seconds']} s")
+    return data
+
+
+def run_attack(kind: str, cfg: ReportConfig, *, log: Log | None = None) -> dict[str, Any]:
+    """One attack (``"inversion"``, ``"dlg"`` or ``"stats"``) on every configured mode; JSON-ready rows."""
+    if kind not in ("inversion", "dlg", "stats"):
+        raise ConfigError(f"unknown attack {kind!r}; choose inversion, dlg or stats")
+    t_start = time.perf_counter()
+    run = PrivacyRun(cfg, log)
+    rows = []
+    for mode in run.modes:
+        row: dict[str, Any] = {"mode": mode.name, "label": mode.label, "sigma": _num(mode.sigma, 6),
+                               "epsilon_target": mode.epsilon, "delta": mode.delta}
+        if kind == "inversion":
+            inv, mi = run.inversion(mode)
+            best = max(inv.values(), key=lambda r: r.psnr)
+            row.update(inversion_psnr=_num(best.psnr, 3), inversion_ssim=_num(best.ssim, 4),
+                       inversion_layer=best.layer, inversion_baseline_psnr=_num(best.baseline_psnr, 3),
+                       inversion={k: _rounded(r.as_dict()) for k, r in inv.items()})
+        elif kind == "dlg":
+            dlg = run.dlg(mode)
+            row.update({f"dlg_psnr_b{b}": _num(r.psnr, 3) for b, r in dlg.items()})
+            row["dlg"] = {str(b): _rounded(r.as_dict()) for b, r in dlg.items()}
+        else:
+            _, mi = run.inversion(mode, decoders=False)
+            row["mi"] = {k: {kk: vv for kk, vv in v.items() if kk != "estimator"} for k, v in mi.items()}
+            row["mi_nats"] = _num(mi["input"]["total"]) if "input" in mi else None
+            row["energy_ratio_photos"] = run.energy(mode)
+        rows.append(row)
+    return {"attack": kind, "rows": rows, "config": _config_dict(cfg), "inversion_layers": run.layers,
+            "mi_estimator": MI_ESTIMATOR if kind == "stats" else None,
+            "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def _config_dict(cfg: ReportConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["utility"] = asdict(cfg.utility)
+    return d
+
+
+def _command(cfg: ReportConfig) -> str:
+    cmd = "asymml privacy --out DIR" + (" --quick" if cfg.quick else "")
+    default = ReportConfig.quick_config() if cfg.quick else ReportConfig()
+    if cfg.sigmas:
+        cmd += " --sigmas " + ",".join(f"{s:g}" for s in cfg.sigmas)
+    elif cfg.epsilons != default.epsilons:
+        cmd += " --epsilons " + ",".join(f"{e:g}" for e in cfg.epsilons)
+    if tuple(cfg.modes) != ATTACK_MODES:
+        cmd += " --modes " + ",".join(cfg.modes)
+    if cfg.delta != default.delta:
+        cmd += f" --delta {cfg.delta:g}"
+    if cfg.noise_ratio != default.noise_ratio:
+        cmd += f" --noise-ratio {cfg.noise_ratio:g}"
+    if cfg.seed != default.seed:
+        cmd += f" --seed {cfg.seed}"
+    if cfg.utility.epochs != default.utility.epochs:
+        cmd += f" --epochs {cfg.utility.epochs}"
+    return cmd
+
+
+NOTES = [
+    "epsilon: (epsilon, delta)-DP of every noised release of one digits training sample -- forward residual "
+    "releases and protected-mode gradient-residual releases, each a Gaussian mechanism (sensitivity = its clip), "
+    "composed over all steps with Opacus' RDP accountant under Poisson sampling. None = infinite (no noise).",
+    "epsilon does NOT cover the parameter updates: weights are public and re-sent every step, so the accelerator "
+    "learns W_{t+1} - W_t = -lr * gradient, computed by the trusted context without noise. dlg_psnr measures "
+    "what that leaks; protecting it needs DP-SGD on the trusted side, which asymml does not do.",
+    "clip rule (same in every mode): per layer, clip = min(median release norm, noise_ratio * median whole-"
+    "activation norm / (sigma * sqrt(d))) on public calibration data, so the noise norm is at most noise_ratio "
+    "of a typical activation. A whole-activation release (noise-only) has signal-to-noise at most "
+    "1/(sigma*sqrt(d)) whatever the clip; asym keeps the low-rank part exact in the trusted context.",
+    "The photo attacks (inversion, DLG) use the sigma solved for the digits run at that epsilon and the same clip "
+    "rule, on photo models; their releases per step differ from the digits run.",
+    "inversion_psnr: the best over the attacked layers of a decoder trained on public photos (skimage/sklearn "
+    "photos disjoint from the private ones); inversion_baseline_psnr: guessing the mean public patch.",
+    "dlg_psnr: batch size 1; dlg_psnr_b8: batch 8 (reconstruction matched to the batch by Hungarian assignment).",
+    "test_accuracy: the split model as deployed (noise on at inference too); test_accuracy_noiseless: the trained "
+    "weights evaluated without noise.",
+]
+
+
+# --------------------------------------------------------------------------- claim check
+
+
+def claim_check(rows: Sequence[dict[str, Any]], *, acc_tol: float = 0.05, acc_gap: float = 0.10,
+                psnr_tol: float = 1.0) -> dict[str, Any]:
+    """Does the paper's claim hold on these rows?
+
+    Per epsilon: (a) asym+noise accuracy within ``acc_tol`` of the noise-free model (asym without noise);
+    (b) noise-only loses at least ``acc_gap`` more accuracy than asym+noise; (c) attacks on asym+noise do
+    no better than on noise-only: inversion and DLG PSNR at most ``psnr_tol`` dB above noise-only's.
+    """
+    by = {(r["mode"], r["epsilon_target"]): r for r in rows}
+    ref = by.get(("asym", None)) or by.get(("plain", None))
+    eps_list = sorted({r["epsilon_target"] for r in rows if r["epsilon_target"] is not None})
+    per_eps = []
+    for e in eps_list:
+        a, n = by.get(("asym+noise", e)), by.get(("noise-only", e))
+        if a is None or n is None or ref is None:
+            continue
+        acc_ref = ref["test_accuracy"]
+        c_a = a["test_accuracy"] >= acc_ref - acc_tol
+        c_b = n["test_accuracy"] <= a["test_accuracy"] - acc_gap
+        inv_ok = a["inversion_psnr"] <= n["inversion_psnr"] + psnr_tol
+        dlg_ok = True
+        for key in [k for k in a if k.startswith("dlg_psnr_b")]:
+            if a.get(key) is not None and n.get(key) is not None:
+                dlg_ok = dlg_ok and a[key] <= n[key] + psnr_tol
+        per_eps.append({
+            "epsilon": e, "accuracy_noise_free": acc_ref, "accuracy_asym_noise": a["test_accuracy"],
+            "accuracy_noise_only": n["test_accuracy"], "asym_keeps_accuracy": c_a,
+            "noise_only_loses_more": c_b, "inversion_no_better_than_noise_only": inv_ok,
+            "dlg_no_better_than_noise_only": dlg_ok, "holds": bool(c_a and c_b and inv_ok and dlg_ok),
+        })
+    plain = by.get(("plain", None))
+    return {
+        "holds": bool(per_eps) and all(p["holds"] for p in per_eps),
+        "per_epsilon": per_eps,
+        "attack_works_on_plain": None if plain is None else {
+            "inversion_psnr": plain["inversion_psnr"], "dlg_psnr": plain["dlg_psnr"],
+            "inversion_above_baseline_db": _num(plain["inversion_psnr"] - plain["inversion_baseline_psnr"], 2)},
+        "criteria": {"acc_tol": acc_tol, "acc_gap": acc_gap, "psnr_tol_db": psnr_tol},
+    }
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(r["mode"], []).append({
+            "epsilon": r["epsilon"], "epsilon_target": r["epsilon_target"], "sigma": r["sigma"],
+            "test_accuracy": r["test_accuracy"], "inversion_psnr": r["inversion_psnr"],
+            "inversion_ssim": r["inversion_ssim"], "dlg_psnr": r["dlg_psnr"],
+            **{k: r[k] for k in r if k.startswith("dlg_psnr_b")}, "mi_nats": r["mi_nats"],
+        })
+    return {
+        "series": series,
+        "energy_ratio_photos": {r["label"]: r["energy_ratio_photos"] for r in rows},
+        "energy_ratio_digits": {r["label"]: r["energy_ratio_digits"] for r in rows},
+        "mutual_information": {r["label"]: r["mi"] for r in rows},
+        "inversion_baseline_psnr": rows[0]["inversion_baseline_psnr"] if rows else None,
+    }
+
+
+def _to_img(t: Tensor) -> Any:
+    return t.detach().float().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _grid_inversion(examples: dict[str, dict[str, Any]], path: Path, n: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(examples)
+    fig, axes = plt.subplots(len(labels), 3 * n, figsize=(1.2 * 3 * n, 1.35 * len(labels) + 0.4), squeeze=False)
+    for i, lab in enumerate(labels):
+        r: InversionResult = examples[lab]["inversion"]
+        for j in range(n):
+            for k, (img, name) in enumerate(((r.originals, "original"), (r.seen, "accelerator saw"),
+                                             (r.reconstructions, "reconstruction"))):
+                ax = axes[i, 3 * j + k]
+                if j < len(img):
+                    ax.imshow(_to_img(img[j]), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(name, fontsize=6)
+        axes[i, 0].set_ylabel(f"{lab}\n{r.layer}\n{r.psnr:.1f} dB", fontsize=6)
+    fig.suptitle("Inversion attack on private photos: original | what the accelerator saw | best reconstruction",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grid_dlg(examples: dict[str, dict[str, Any]], path: Path, n: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [lab for lab in examples if examples[lab]["dlg"]]
+    if not labels:
+        return
+    sizes = sorted({b for lab in labels for b in examples[lab]["dlg"]})
+    cols = sum(2 * min(n, b) for b in sizes)
+    fig, axes = plt.subplots(len(labels), cols, figsize=(1.1 * cols, 1.35 * len(labels) + 0.4), squeeze=False)
+    for i, lab in enumerate(labels):
+        c = 0
+        for b in sizes:
+            r = examples[lab]["dlg"].get(b)
+            for j in range(min(n, b)):
+                for img, name in ((None if r is None else r.originals, f"B={b} original"),
+                                  (None if r is None else r.reconstructions, f"B={b} reconstruction")):
+                    ax = axes[i, c]
+                    if img is not None:
+                        ax.imshow(_to_img(img[j]), interpolation="nearest")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if i == 0:
+                        ax.set_title(name, fontsize=5)
+                    c += 1
+        first = examples[lab]["dlg"].get(sizes[0])
+        axes[i, 0].set_ylabel(f"{lab}\n{first.psnr:.1f} dB" if first else lab, fontsize=6)
+    fig.suptitle("Gradient leakage from the public per-step weight update: original | reconstruction", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot(fig_data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = fig_data["series"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"plain": "black", "asym": "tab:blue", "asym+noise": "tab:green", "noise-only": "tab:red"}
+    for mode in ("asym+noise", "noise-only"):
+        pts = sorted((p["epsilon_target"], p["test_accuracy"]) for p in series.get(mode, []))
+        if pts:
+            a1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[mode], label=mode)
+    for mode, style in (("plain", ":"), ("asym", "--")):
+        for p in series.get(mode, []):
+            a1.axhline(p["test_accuracy"], ls=style, color=colors[mode], label=f"{mode} (no noise)")
+    a1.set_xscale("log")
+    a1.set_xlabel("ε (digits training run, δ fixed)")
+    a1.set_ylabel("test accuracy (digits)")
+    a1.set_ylim(0, 1.02)
+    a1.set_title("utility vs privacy budget")
+    a1.legend(fontsize=7)
+    for mode, pts in series.items():
+        xs = [p["inversion_psnr"] for p in pts]
+        ys = [p["test_accuracy"] for p in pts]
+        a2.scatter(xs, ys, color=colors.get(mode, "gray"), marker="o", label=f"{mode} (inversion)")
+        xd = [p["dlg_psnr"] for p in pts if p["dlg_psnr"] is not None]
+        yd = [p["test_accuracy"] for p in pts if p["dlg_psnr"] is not None]
+        a2.scatter(xd, yd, color=colors.get(mode, "gray"), marker="x", label=f"{mode} (DLG, B=1)")
+        for p in pts:
+            if p["epsilon_target"] is not None:
+                a2.annotate(f"ε={p['epsilon_target']:g}", (p["inversion_psnr"], p["test_accuracy"]), fontsize=6)
+    base = fig_data.get("inversion_baseline_psnr")
+    if base is not None:
+        a2.axvline(base, ls=":", color="gray", label="mean-image guess")
+    a2.set_xlabel("attack PSNR on private photos (dB, higher = more leakage)")
+    a2.set_ylabel("test accuracy (digits)")
+    a2.set_ylim(0, 1.02)
+    a2.set_title("utility vs attack success")
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "∞" if nd == -1 else "–"
+    if isinstance(v, float):
+        return f"{v:.{max(nd, 0)}f}"
+    return str(v)
+
+
+def summary_markdown(data: dict[str, Any]) -> str:
+    """The report's ``summary.md``."""
+    rows = data["rows"]
+    sizes = sorted({int(k[len("dlg_psnr_b"):]) for r in rows for k in r if k.startswith("dlg_psnr_b")})
+    head = ["mode", "σ", "ε", "test acc", "inv. PSNR (dB)", "inv. SSIM", "inv. layer"]
+    head += [f"DLG PSNR B={b}" for b in sizes] + ["MI (nats)"]
+    lines = ["# asymml privacy report", "",
+             f"Regenerate: `{data['command']}` ({data['seconds']} s here).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        cells = [r["mode"], f"{r['sigma']:.3g}", eps, _fmt(r["test_accuracy"], 3), _fmt(r["inversion_psnr"], 1),
+                 _fmt(r["inversion_ssim"], 3), str(r["inversion_layer"])]
+        cells += [_fmt(r.get(f"dlg_psnr_b{b}"), 1) for b in sizes] + [_fmt(r["mi_nats"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", f"Inversion baseline (guess the mean public patch): {rows[0]['inversion_baseline_psnr']:.1f} dB "
+                  f"PSNR, SSIM {rows[0]['inversion_baseline_ssim']:.3f}."]
+    c = data["claim"]
+    lines += ["", "## The paper's claim", "",
+              "At equal ε, asym keeps accuracy near the noise-free model while noise-only loses much more, and attacks "
+              "on asym do no better than on noise-only.", "",
+              f"**Verdict on this run: {'holds' if c['holds'] else 'does not hold'}.**", ""]
+    for p in c["per_epsilon"]:
+        lines.append(
+            f"- ε={p['epsilon']:g}: accuracy noise-free {p['accuracy_noise_free']:.3f}, asym+noise "
+            f"{p['accuracy_asym_noise']:.3f} ({'kept' if p['asym_keeps_accuracy'] else 'NOT kept'}), noise-only "
+            f"{p['accuracy_noise_only']:.3f} ({'loses more' if p['noise_only_loses_more'] else 'does NOT lose more'}); "
+            f"inversion on asym+noise {'no better' if p['inversion_no_better_than_noise_only'] else 'BETTER'} and "
+            f"DLG {'no better' if p['dlg_no_better_than_noise_only'] else 'BETTER'} than on noise-only."
+        )
+    cr = c["criteria"]
+    lines += ["", f"Criteria: kept = within {cr['acc_tol']:.2f} of asym without noise; loses more = at least "
+              f"{cr['acc_gap']:.2f} below asym+noise; no better = PSNR at most {cr['psnr_tol_db']:.1f} dB above.", ""]
+    if c.get("attack_works_on_plain"):
+        p = c["attack_works_on_plain"]
+        lines.append(f"Sanity: against plain the inversion reaches {p['inversion_psnr']:.1f} dB "
+                     f"({p['inversion_above_baseline_db']:+.1f} dB over the baseline) and DLG {_fmt(p['dlg_psnr'], 1)} dB.")
+    lines += ["", "## Gradient leakage and what ε covers", ""]
+    for r in rows:
+        lines.append(f"- {r['label']}: the update of {len(r['dlg_revealed'])} parameter tensors is revealed"
+                     + (f" ({', '.join(r['dlg_revealed'][:6])}{', …' if len(r['dlg_revealed']) > 6 else ''})"
+                        if r["dlg_revealed"] else ""))
+    lines += ["", "## Residual energy ‖R‖²/‖X‖² (photos, mean per layer)", ""]
+    for r in rows:
+        e = ", ".join(f"{k}: {v['mean']:.3f}" for k, v in r["energy_ratio_photos"].items() if not k.endswith(":grad"))
+        lines.append(f"- {r['label']}: {e}")
+    lines += ["", "## Mutual information estimator", "", data["mi_estimator"], "", "## Notes", ""]
+    lines += [f"- {n}" for n in data["notes"]]
+    lines += ["", "Files: privacy.json, figures.json, grid_inversion.png, grid_dlg.png, privacy_utility.png.", ""]
+    return "\n".join(lines)
