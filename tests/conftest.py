@@ -14,6 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Split modules hold executor threads and weight caches in reference cycles: free them per test."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     """‖a − b‖ / max(‖b‖, floor)."""
     a, b = a.detach(), b.detach()

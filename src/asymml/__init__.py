@@ -10,7 +10,7 @@ from .errors import (
     UnsupportedOperationError,
     UntraceableModelError,
 )
-from .executors import Executor, LocalExecutor
+from .executors import Executor, LocalExecutor, RemoteExecutor
 from .ledger import Ledger, Release
 from .runtime import SplitModule
 from .validate import ValidationReport, fix, validate
@@ -18,7 +18,7 @@ from .validate import ValidationReport, fix, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "split", "SplitModule", "Executor", "LocalExecutor", "Ledger", "Release", "validate", "fix",
+    "split", "SplitModule", "Executor", "LocalExecutor", "RemoteExecutor", "Ledger", "Release", "validate", "fix",
     "ValidationReport", "decompose", "parse_rank", "FixedRank", "RankList", "RankSchedule", "AdaptiveRank",
     "AsymmlError", "ConfigError", "InputError", "UnsupportedOperationError", "UntraceableModelError",
     "CheckpointError",

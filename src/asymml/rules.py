@@ -409,13 +409,13 @@ class LinearRule(SplitRule):
 class BatchNormEvalRule(SplitRule):
     """Eval-mode BatchNorm is per-channel affine: ``s·x + (β − s·μ)``. Train mode is trusted."""
 
-    accel_op = "scale"
+    accel_op = "bn_scale"
 
     def bind(self, node: Any, module: nn.Module | None) -> Bound | None:
         m = module
         if m.training or not m.track_running_stats or m.running_var is None:
             return None
-        return Bound(self, m, {}, 1)
+        return Bound(self, m, {"eps": float(m.eps)}, 1)
 
     def _scale(self, m: nn.Module) -> Tensor:
         s = torch.rsqrt(m.running_var + m.eps)
@@ -426,7 +426,12 @@ class BatchNormEvalRule(SplitRule):
         return {k: v for k, v in (("weight", m.weight), ("bias", m.bias)) if v is not None}
 
     def accel_params(self, b: Bound) -> dict[str, Tensor]:
-        return {"scale": self._scale(b.module).detach()}
+        """The public running variance and affine weight; the accelerator forms the scale itself."""
+        m = b.module
+        p = {"running_var": m.running_var}
+        if m.weight is not None:
+            p["weight"] = m.weight
+        return p
 
     def has_bias(self, b: Bound) -> bool:
         return True

@@ -36,6 +36,7 @@ from .rules import Low, dense, tadd
 from .transform import Plan, Region, build_plan, trace
 
 MODES = ("asym", "plain", "trusted-only", "noise-only")
+_KEYS = itertools.count()
 BACKWARDS = ("protected", "paper")
 
 
@@ -306,7 +307,7 @@ class SplitModule(nn.Module):
         self._warm: dict[str, Tensor] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self._keys = itertools.count()
+        self._keys = _KEYS  # shared: several split models may use one executor
         self._fctx: _ForwardCtx | None = None
         self._profiling = False
         self._meter: TrustedMemoryMeter | None = None

@@ -136,3 +136,31 @@ def test_weights_released_once_per_value() -> None:
     w = [r for r in sm.executor.ledger if r.kind == "weight"]
     n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert len(w) == 2 * n_conv
+
+
+def test_eval_outputs_stay_exact_when_running_stats_change() -> None:
+    """Weights are cached by identity+version: changed BatchNorm statistics must reach the accelerator."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10).eval()
+    sm = asymml.split(model, rank=2)
+    x = torch.randn(2, 3, 32, 32)
+    for k in range(3):
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.copy_(torch.rand_like(m.running_var) * 0.02 + 0.01 * (k + 1))
+                    m.running_mean.normal_(0, 0.01)
+            a, b = sm(x), model(x)
+        assert b.norm() > 1e-3
+        assert float((a - b).norm() / b.norm()) < 1e-5, k
+
+
+def test_weight_cache_is_not_fooled_by_reused_ids() -> None:
+    """A new tensor may get the id of a freed one: the cache must not hand out the stale copy."""
+    ex = asymml.LocalExecutor("cpu")
+    for k in range(50):
+        w = torch.full((4,), float(k))
+        got = ex._weights({"w": w}, "layer")["w"]
+        assert torch.equal(got, w), k
+        del w
+    assert len(ex._weight_versions) <= 1

@@ -68,6 +68,16 @@ class Server:
                 self.proc.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """While this process waits for the server, idle OpenMP workers would spin (OMP_WAIT_POLICY=active is
+    libgomp's default behaviour) and starve the server of CPU; one intra-op thread has no workers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unix_server(tmp_path_factory):
     s = Server(f"unix://{tmp_path_factory.mktemp('serve')}/accel.sock")
@@ -242,6 +252,13 @@ def test_connect_errors():
         RemoteExecutor("unix:///nonexistent/asymml.sock", connect_timeout=2)
     with pytest.raises(asymml.ConfigError, match="tcp://HOST:PORT"):
         RemoteExecutor("http://example.org")
+    with socket.socket() as mute:  # accepts, never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(1)
+        t0 = time.monotonic()
+        with pytest.raises(AcceleratorConnectionError, match="handshake"):
+            RemoteExecutor(f"tcp://127.0.0.1:{mute.getsockname()[1]}", connect_timeout=1)
+        assert time.monotonic() - t0 < 10
 
 
 def test_in_process_server_shutdown(tmp_path):

@@ -107,7 +107,8 @@ def plot_chart(result: Mapping[str, Any], path: str) -> str:
     fig, axes = plt.subplots(n, 3, figsize=(16, 3.6 * n), squeeze=False)
     for row, (key, rs) in enumerate(groups.items()):
         model, size, batch, phase, sv = key
-        title = f"{model} {size}×{size} b{batch} {phase}" + ("" if sv is None else f" [{sv}]")
+        title = f"{model} {size}×{size} b{batch} {phase}" + (
+            "" if sv is None else f" [{rs[0].get('sweep_param', 'sweep')}={sv}]")
         labels = [r["label"] for r in rs]
         xs = range(len(rs))
         ax = axes[row][0]

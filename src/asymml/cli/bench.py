@@ -37,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "trusted-side time, accelerator time, end-to-end step time, trusted FLOPs, trusted peak "
                     "memory vs the EPC budget, bytes released per step, and the derived speed-ups. Writes a "
                     "JSON file, a markdown table (stdout) and a PNG chart.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("what to measure")
     g.add_argument("--model", action="append", type=_csv(), metavar="NAME[,NAME…]",
@@ -48,38 +47,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="square input size(s) [default: 32]")
     g.add_argument("--batch-size", action="append", type=_csv(int), metavar="B[,B…]",
                    help="batch size(s) [default: 32]")
-    g.add_argument("--phase", choices=("train", "infer", "both"), default="both")
+    g.add_argument("--phase", choices=("train", "infer", "both"), default="both", help="[default: both]")
     g.add_argument("--modes", type=_csv(), default=["plain", "trusted-only", "asym", "noise-only"],
-                   help="modes to run (comma-separated)")
+                   help="modes to run, comma-separated [default: all four]")
     g.add_argument("--backward", type=_csv(), default=["protected", "paper"],
-                   help="backward mode(s) of asym in training")
+                   help="backward mode(s) of asym in training [default: protected,paper]")
     g.add_argument("--num-classes", type=int, default=None,
                    help="default: 10 (CIFAR-style), 1000 (torchvision)")
-    g.add_argument("--width", type=float, default=1.0, help="channel width multiplier (CIFAR-style models)")
+    g.add_argument("--width", type=float, default=1.0, help="channel width multiplier of CIFAR-style models [default: 1]")
     g.add_argument("--optimizer-step", action="store_true", help="include an SGD step in each training step")
     s = p.add_argument_group("split settings")
     s.add_argument("--rank", default="schedule",
-                   help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]]")
-    s.add_argument("--decomposition", default="power", choices=("power", "eigh", "svd", "rsvd"))
-    s.add_argument("--iters", type=int, default=2, help="power-iteration rounds")
-    s.add_argument("--basis", default="sample", choices=("sample", "batch"))
-    s.add_argument("--input-rank", default="1", help="rank of the raw input ('none': use --rank)")
+                   help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]] [default: schedule]")
+    s.add_argument("--decomposition", default="power", choices=("power", "eigh", "svd", "rsvd"),
+                   help="[default: power]")
+    s.add_argument("--iters", type=int, default=2, help="power-iteration rounds [default: 2]")
+    s.add_argument("--basis", default="sample", choices=("sample", "batch"), help="[default: sample]")
+    s.add_argument("--input-rank", default="1", help="rank of the raw input, 'none': use --rank [default: 1]")
     s.add_argument("--grad-rank", default=None, help="rank of gradient decompositions (protected backward)")
     s.add_argument("--no-warm-start", action="store_true", help="do not warm-start power iterations")
-    s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode")
+    s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode [default: 1]")
     s.add_argument("--asym-sigma", type=float, default=None,
                    help="also noise asym's releases (default: no noise)")
-    s.add_argument("--clip", type=float, default=1.0, help="per-sample clip bound of noised releases")
+    s.add_argument("--clip", type=float, default=1.0, help="per-sample clip bound of noised releases [default: 1]")
     m = p.add_argument_group("measurement")
-    m.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median and IQR reported)")
-    m.add_argument("--warmup", type=int, default=1, help="un-timed steps per mode first")
+    m.add_argument("--repeats", type=int, default=5, help="timed steps per mode; median and IQR reported [default: 5]")
+    m.add_argument("--warmup", type=int, default=1, help="un-timed steps per mode first [default: 1]")
     m.add_argument("--device", default="auto",
-                   help="accelerator device: auto (cuda if present), cpu, cuda[:N]")
+                   help="accelerator device: auto (cuda if present), cpu, cuda[:N] [default: auto]")
     m.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
     m.add_argument("--speed-ratio", type=float, default=10.0,
-                   help="accelerator-to-TEE speed ratio of the projected speed-up")
-    m.add_argument("--epc-mib", type=float, default=128, help="trusted memory budget (EPC), MiB")
+                   help="accelerator-to-TEE speed ratio of the projected speed-up [default: 10]")
+    m.add_argument("--epc-mib", type=float, default=128, help="trusted memory budget (EPC), MiB [default: 128]")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--layers", action="store_true",
                    help="add per-layer profiles of the split modes to the JSON")

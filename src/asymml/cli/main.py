@@ -10,7 +10,7 @@ import sys
 
 from ..errors import AsymmlError
 
-SUBCOMMANDS = ("train", "eval", "bench", "privacy", "validate")
+SUBCOMMANDS = ("train", "eval", "bench", "privacy", "validate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="decoder refinement epochs after its closed-form linear fit (0: linear only)")
     p.add_argument("--layers", type=_names, default=None,
                    help="released layers to invert (default: input and the first hidden release)")
+    p.add_argument("--public-per-image", type=int, default=None,
+                   help="public photo patches per photo (attacker's training data)")
+    p.add_argument("--private-per-image", type=int, default=None, help="private photo patches per photo")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the split runtime runs the accelerator in its own thread)")
@@ -95,7 +98,8 @@ def build_config(args: argparse.Namespace) -> Any:
         kw["sigmas"], kw["epsilons"] = args.sigmas, ()
     elif args.epsilons is not None:
         kw["epsilons"] = args.epsilons
-    for name in ("delta", "noise_ratio", "dlg_iters", "inversion_epochs", "seed"):
+    for name in ("delta", "noise_ratio", "dlg_iters", "inversion_epochs", "seed", "public_per_image",
+                 "private_per_image"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.batch_sizes is not None:

@@ -19,6 +19,7 @@ EPILOG = """examples:
   asymml serve --listen tcp://127.0.0.1:0              # any free port; the chosen address is printed
 
 The first line on stdout is "asymml serve: listening on ADDRESS (device DEV)". SIGINT/SIGTERM stop the server.
+Sharing CPU cores with the client? Start both with OMP_WAIT_POLICY=passive (idle OpenMP threads otherwise spin).
 SECURITY: the connection is neither encrypted nor authenticated; everything on it is, by design, what the
 accelerator may see (public weights, residuals). Bind to 0.0.0.0 only on a trusted network or behind a tunnel."""
 
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run the accelerator server (level 2: the GPU side, outside the enclave)",
         description="Serve the accelerator: a worker that runs the residual programs of split models for "
-                    "clients connecting with asymml.RemoteExecutor.",
+                    "clients connecting with asymml.executors.remote.RemoteExecutor.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--listen", default="tcp://127.0.0.1:7777", metavar="ADDRESS",

@@ -98,9 +98,9 @@ def validate_manifest(doc: dict[str, Any], *, allow_insecure: bool = False) -> l
     ep = _get(doc, "libos.entrypoint")
     if not isinstance(ep, str) or not ep.startswith("/"):
         p.append("libos.entrypoint must be the absolute path of the Python interpreter")
-    le = _get(doc, "loader.entrypoint")
+    le = _get(doc, "loader.entrypoint")  # optional since Gramine 1.7 (gramine-manifest adds it)
     le_uri = le.get("uri") if isinstance(le, dict) else le
-    if not isinstance(le_uri, str) or not le_uri.startswith("file:"):
+    if le is not None and (not isinstance(le_uri, str) or not le_uri.startswith("file:")):
         p.append("loader.entrypoint(.uri) must be a file: URI of Gramine's libsysdb.so")
     lvl = _get(doc, "loader.log_level")
     if lvl is not None and lvl not in LOG_LEVELS:

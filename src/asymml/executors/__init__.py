@@ -2,5 +2,6 @@
 
 from .base import BackwardRequest, Executor, Handle
 from .local import LocalExecutor
+from .remote import RemoteExecutor, make_executor
 
-__all__ = ["Executor", "LocalExecutor", "Handle", "BackwardRequest"]
+__all__ = ["Executor", "LocalExecutor", "RemoteExecutor", "make_executor", "Handle", "BackwardRequest"]

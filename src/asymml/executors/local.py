@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -53,7 +54,7 @@ class LocalExecutor(Executor):
         self._states: dict[int, _State] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._weight_versions: dict[int, tuple[int, Tensor]] = {}
+        self._weight_versions: dict[int, tuple[int, Tensor, Any]] = {}
         self._profiling = False
         self._stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
@@ -85,11 +86,14 @@ class LocalExecutor(Executor):
             key = id(p)
             ver = p._version
             cached = self._weight_versions.get(key)
-            if cached is None or cached[0] != ver or cached[1].shape != p.shape:
+            # ids are reused after a tensor dies: an entry only counts if it still refers to this tensor
+            if cached is None or cached[2]() is not p or cached[0] != ver or cached[1].shape != p.shape:
                 self.ledger.record(f"{layer}.{name}", "weight", p)
                 dev = p.detach().to(self.device, copy=p.device != self.device)
-                self._weight_versions[key] = (ver, dev)
-                cached = (ver, dev)
+                table = self._weight_versions
+                ref = weakref.ref(p, lambda _r, k=key, d=table: d.pop(k, None))
+                cached = (ver, dev, ref)
+                table[key] = cached
             out[name] = cached[1]
         return out
 

@@ -41,6 +41,13 @@ def _scale(x: Tensor, s: Tensor) -> Tensor:
     return x * s.view(shape)
 
 
+def _bn_scale(x: Tensor, running_var: Tensor, *maybe_weight: Tensor, eps: float) -> Tensor:
+    s = torch.rsqrt(running_var + eps)
+    if maybe_weight:
+        s = s * maybe_weight[0]
+    return _scale(x, s)
+
+
 def _add(*xs: Tensor | None) -> Tensor | None:
     present = [x for x in xs if x is not None]
     if not present:
@@ -55,6 +62,7 @@ OPS: dict[str, Callable[..., Tensor | None]] = {
     "conv2d": _conv2d,
     "linear": _linear,
     "scale": _scale,
+    "bn_scale": _bn_scale,
     "avg_pool2d": lambda x, **kw: F.avg_pool2d(x, **kw),
     "adaptive_avg_pool2d": lambda x, **kw: F.adaptive_avg_pool2d(x, **kw),
     "flatten": lambda x, **kw: torch.flatten(x, **kw),

@@ -37,6 +37,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,6 +329,8 @@ def decode_message(header: bytes, payload: bytearray) -> dict[str, Any]:
         doc = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"message header is not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("message header nested too deeply") from None
     if not isinstance(doc, dict) or set(doc) != {"msg", "tensors"} or not isinstance(doc["tensors"], list):
         raise ProtocolError("message header must be an object with exactly 'msg' and 'tensors'")
     tensors = [_decode_tensor(d, payload) for d in doc["tensors"]]
@@ -418,7 +421,7 @@ class RemoteExecutor(Executor):
         self._writer.start()
         try:
             info = self._call({"op": "hello", "version": PROTOCOL_VERSION}).result(timeout=connect_timeout)
-        except TimeoutError:
+        except FutureTimeoutError:
             self.close()
             raise AcceleratorConnectionError(f"accelerator server at {self.address} did not answer the handshake "
                                              f"within {connect_timeout}s") from None

@@ -132,6 +132,8 @@ class _Connection:
         op = msg.get("op")
         rid = msg.get("id")
         self.requests += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: request %s %s (layer %s)", self.peer, rid, op, msg.get("layer", "-"))
         try:
             if type(rid) is not int:
                 raise ProtocolError("every request needs an integer 'id'")

@@ -236,9 +236,12 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
     for mode in run.modes:
         t0 = time.perf_counter()
         util = run.utility(mode)
+        t1 = time.perf_counter()
         inv, mi = run.inversion(mode)
         best = max(inv.values(), key=lambda r: r.psnr)
+        t2 = time.perf_counter()
         dlg = run.dlg(mode)
+        t3 = time.perf_counter()
         b1 = min(dlg) if dlg else None
         row: dict[str, Any] = {
             "mode": mode.name,
@@ -270,11 +273,13 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
             "steps": util.steps,
             "sample_rate": _num(util.sample_rate, 6),
             "seconds": round(time.perf_counter() - t0, 1),
+            "seconds_by_phase": {"utility": round(t1 - t0, 1), "inversion": round(t2 - t1, 1),
+                                 "dlg": round(t3 - t2, 1)},
         }
         rows.append(row)
         examples[mode.label] = {"inversion": best, "dlg": dlg}
         run.say(f"[{mode.label}] acc={row['test_accuracy']} eps={row['epsilon']} inversion={row['inversion_psnr']} "
-                f"dB dlg(b1)={row['dlg_psnr']} dB ({row['seconds']} s)")
+                f"dB dlg(b1)={row['dlg_psnr']} dB ({row['seconds']} s: {row['seconds_by_phase']})")
 
     data: dict[str, Any] = {
         "rows": rows,

@@ -38,7 +38,7 @@ class UtilityConfig:
     image_size: int = 16
     epochs: int = 8
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     public_fraction: float = 0.1
     noise_ratio: float = 0.1
