@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import asymml
 from asymml.errors import ConfigError
 from asymml.privacy.attacks.common import (
     AttackMode,
