@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, register_flop_formula, shape_wrapper
 
 EPC_DEFAULT_BYTES = 128 * 2**20  # SGX1 client parts
 
@@ -45,6 +46,33 @@ def _eigh_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
 def _svd_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
     m, n = max(a_shape[-2:]), min(a_shape[-2:])
     return _batch(a_shape) * (4 * m * n * n + 8 * n**3)
+
+
+def _t(shape: Any) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
+
+
+def conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any, _stride: Any,
+                       _padding: Any, _dilation: Any, transposed: bool, _output_padding: Any, groups: int,
+                       output_mask: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``aten.convolution_backward`` (grad input + grad weight), correct for ``groups > 1``.
+
+    torch's stock formula ignores ``groups`` in the weight-gradient term; the trusted side runs per-sample
+    folded convolutions as one grouped convolution with ``groups = batch``, so it would over-count ×B."""
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        gw = out_shape[1]
+        if transposed:
+            n = conv_flop_count(_t(grad_out_shape), _t(x_shape), _t(gw), transposed=False)
+        else:
+            n = conv_flop_count(_t(x_shape), _t(grad_out_shape), _t(gw), transposed=False)
+        flops += n // max(1, int(groups))
+    return flops
+
+
+flop_registry[torch.ops.aten.convolution_backward] = shape_wrapper(conv_backward_flop)
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[Any, int]:
@@ -110,10 +138,22 @@ class TrustedMemoryMeter(TorchDispatchMode):
             self.current -= n
         self._public.add(key)
 
+    @staticmethod
+    def _key(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return 0
+        try:
+            return t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return 0
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        flat_in, _ = tree_flatten((args, kwargs or {}))
+        aliased = {k for k in map(self._key, flat_in) if k}  # views and in-place results are not allocations
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            self._track(t)
+            if self._key(t) not in aliased:
+                self._track(t)
         return out
 
     def __enter__(self):

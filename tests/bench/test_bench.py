@@ -149,9 +149,9 @@ def test_group_aware_conv_backward_flops() -> None:
     with group_aware_registry(), FlopCounterMode(display=False) as fc2:
         conv2d_weight(x, (B * O, r, 3, 3), d, padding=1, groups=B)
     assert fc2.get_total_flops() == true
-    with FlopCounterMode(display=False) as fc3:  # the global registry is restored afterwards
+    with FlopCounterMode(display=False) as fc3:  # importing asymml fixes torch's global registry itself
         conv2d_weight(x, (B * O, r, 3, 3), d, padding=1, groups=B)
-    assert fc3.get_total_flops() == true * B
+    assert fc3.get_total_flops() == true
 
 
 def test_model_family_resolution() -> None:

@@ -90,6 +90,10 @@ def test_bad_option_values(capsys: pytest.CaptureFixture[str]) -> None:
     _error(capsys, ["train", "--model", "nonet", *TINY], "unknown model 'nonet'")
 
 
+def test_diverging_run_stops_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _error(capsys, ["train", *TINY, "--lr", "1e4", "--epochs", "2", "--out", str(tmp_path)], "lower --lr")
+
+
 def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
                           str(tmp_path / "o")], "cifar10 not found")

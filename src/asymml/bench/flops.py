@@ -10,33 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..profiling import conv_backward_flop
 
 aten = torch.ops.aten
-
-
-def _t(shape: Any) -> list[int]:
-    return [shape[1], shape[0], *shape[2:]]
-
-
-def conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any, _stride: Any,
-                       _padding: Any, _dilation: Any, transposed: bool, _output_padding: Any, groups: int,
-                       output_mask: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    """FLOPs of ``aten.convolution_backward`` (grad input + grad weight), correct for ``groups > 1``."""
-    flops = 0
-    if output_mask[0]:
-        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
-    if output_mask[1]:
-        gw = out_shape[1]
-        if transposed:
-            n = conv_flop_count(_t(grad_out_shape), _t(x_shape), _t(gw), transposed=False)
-        else:
-            n = conv_flop_count(_t(x_shape), _t(grad_out_shape), _t(gw), transposed=False)
-        flops += n // max(1, int(groups))
-    return flops
 
 
 CUSTOM_FORMULAS = {aten.convolution_backward: conv_backward_flop}

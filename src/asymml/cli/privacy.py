@@ -59,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-ratio", type=float, default=None,
                    help="clip rule: noise norm at most this fraction of a typical activation (default 0.1)")
     p.add_argument("--epochs", type=int, default=None, help="digits training epochs (default 8; --quick: 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="digits training (expected) batch size (default 64)")
     p.add_argument("--dlg-iters", type=int, default=None, help="gradient-leakage optimisation steps")
     p.add_argument("--batch-sizes", type=_ints, default=None, help="DLG batch sizes (default 1,8)")
     p.add_argument("--inversion-epochs", type=int, default=None,
@@ -108,6 +109,8 @@ def build_config(args: argparse.Namespace) -> Any:
         kw["inversion_layers"] = args.layers
     if args.epochs is not None:
         kw["utility"] = replace(cfg.utility, epochs=args.epochs)
+    if args.batch_size is not None:
+        kw["utility"] = replace(kw.get("utility", cfg.utility), batch_size=args.batch_size)
     if args.seed is not None:
         kw["utility"] = replace(kw.get("utility", cfg.utility), seed=args.seed)
     cfg = replace(cfg, **kw)

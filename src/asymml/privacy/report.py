@@ -170,6 +170,7 @@ class PrivacyRun:
                                   width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed)
         first = _first_hidden_release(self.photo)
         self.layers = list(cfg.inversion_layers or ["input"] + ([first] if first else []))
+        self.dlg_prior = self.dlg_task.x_public.mean(0, keepdim=True)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.dlg_batches = {b: torch.randperm(len(self.dlg_task.x_private), generator=gen)[:b]
                             for b in cfg.dlg_batch_sizes}
@@ -218,7 +219,7 @@ class PrivacyRun:
                                  split_kw={"rank": t.rank, "seed": cfg.seed})
             if upd.grads:
                 out[b] = gradient_leakage_attack(upd, iters=cfg.dlg_iters, num_classes=t.num_classes,
-                                                 seed=cfg.seed, loss_fn=t.loss)
+                                                 seed=cfg.seed, loss_fn=t.loss, prior=self.dlg_prior)
         return out
 
     def energy(self, mode: AttackMode) -> dict[str, dict[str, float]]:
@@ -261,6 +262,7 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
             "inversion": {k: _rounded(r.as_dict()) for k, r in inv.items()},
             "dlg_psnr": _num(dlg[b1].psnr, 3) if b1 is not None else None,
             "dlg_ssim": _num(dlg[b1].ssim, 4) if b1 is not None else None,
+            "dlg_baseline_psnr": _num(dlg[b1].baseline_psnr, 3) if b1 is not None else None,
             **{f"dlg_psnr_b{b}": (_num(dlg[b].psnr, 3) if b in dlg else None) for b in cfg.dlg_batch_sizes},
             "dlg": {str(b): _rounded(r.as_dict()) for b, r in dlg.items()},
             "dlg_revealed": dlg[b1].revealed if b1 is not None else [],
@@ -358,6 +360,8 @@ def _command(cfg: ReportConfig) -> str:
         cmd += f" --seed {cfg.seed}"
     if cfg.utility.epochs != default.utility.epochs:
         cmd += f" --epochs {cfg.utility.epochs}"
+    if cfg.utility.batch_size != default.utility.batch_size:
+        cmd += f" --batch-size {cfg.utility.batch_size}"
     return cmd
 
 
@@ -376,7 +380,9 @@ NOTES = [
     "rule, on photo models; their releases per step differ from the digits run.",
     "inversion_psnr: the best over the attacked layers of a decoder trained on public photos (skimage/sklearn "
     "photos disjoint from the private ones); inversion_baseline_psnr: guessing the mean public patch.",
-    "dlg_psnr: batch size 1; dlg_psnr_b8: batch 8 (reconstruction matched to the batch by Hungarian assignment).",
+    "dlg_psnr: batch size 1; dlg_psnr_b8: batch 8 (reconstruction matched to the batch by Hungarian assignment). "
+    "The dummy batch starts from the mean public patch (the attacker's prior): a DLG PSNR near the mean-image "
+    "baseline means the update told the attacker nothing it did not already know.",
     "test_accuracy: the split model as deployed (noise on at inference too); test_accuracy_noiseless: the trained "
     "weights evaluated without noise.",
 ]

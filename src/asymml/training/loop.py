@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import AsymmlError, CheckpointError, ConfigError
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
@@ -40,7 +41,8 @@ from .checkpoint import (
 from .config import DEFAULT_CIFAR_WIDTH, TrainConfig, is_cifar_model
 from .report import RunLogger, plot_curves, write_json
 
-__all__ = ["Trainer", "TrainResult", "build_model", "build_split", "evaluate", "default_out_dir"]
+__all__ = ["Trainer", "TrainResult", "TrainingDivergedError", "build_model", "build_split", "evaluate",
+           "default_out_dir"]
 
 NOISED_KINDS = ("residual", "activation", "grad_residual")
 PRIVATE_KINDS = ("input", "residual", "activation", "grad_residual", "grad")
@@ -193,6 +195,31 @@ def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: s
         sm.train(was_training)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "samples": seen,
             "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------ divergence
+
+
+class TrainingDivergedError(AsymmlError, RuntimeError):
+    """The loss or the activations became NaN/Inf (the last epoch checkpoint is kept)."""
+
+
+_DIVERGED_HINT = ("lower --lr, the noise (--noise/--nsr/--epsilon) or --clip (checkpoints of completed epochs "
+                  "are kept)")
+
+
+@contextmanager
+def diverged_guard(model: nn.Module, where: str) -> Iterator[None]:
+    """Turn a decomposition failing on NaN/Inf activations into a :class:`TrainingDivergedError`."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        state = f"non-finite model state ({', '.join(bad[:3])})" if bad else "NaN/Inf activations"
+        raise TrainingDivergedError(
+            f"{where}: a low-rank decomposition failed ({str(e).splitlines()[0][:90]}); the model has diverged "
+            f"({state}): {_DIVERGED_HINT}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
@@ -433,10 +460,14 @@ class Trainer:
         mech_before = dict(mech.release_counts()) if mech is not None else {}
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        out = sm(x)
-        y = y.to(out.device)
-        loss = self.criterion(out, y)
-        loss.backward()
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+        with diverged_guard(self.model, where):
+            out = sm(x)
+            y = y.to(out.device)
+            loss = self.criterion(out, y)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"{where}: the training loss is {float(loss.detach())}: {_DIVERGED_HINT}")
+            loss.backward()
         t1 = time.perf_counter()
         self.optimizer.step()
         self.scheduler.step()
@@ -554,7 +585,11 @@ class Trainer:
             trusted, accel = r["wall_s"], 0.0
         else:
             trusted = r["wall_s"] - blocked
-        test = evaluate(self.sm, self.test_batches, progress=cfg.progress)
+        where = f"evaluation after epoch {self.epoch + 1}"
+        with diverged_guard(self.model, where):
+            test = evaluate(self.sm, self.test_batches, progress=cfg.progress)
+        if not math.isfinite(test["loss"]):
+            raise TrainingDivergedError(f"{where}: the test loss is {test['loss']}: {_DIVERGED_HINT}")
         self.epoch += 1
         self.step_in_epoch = 0
         eps = self.epsilon()

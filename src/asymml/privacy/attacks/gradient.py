@@ -5,7 +5,8 @@ weight is re-sent when its value changed). With plain SGD (known ``lr``, no mome
 can difference two consecutive versions: ``W_{t+1} - W_t = -lr * grad_t``, the *full* gradient of the
 step's loss for every released weight -- whatever the mode, and however little of the activations it
 saw. The attack optimises a dummy batch so that the public model's gradient matches that update
-(cosine distance over all revealed tensors plus total variation, Geiping et al. 2020), then scores the
+(cosine distance over all revealed tensors plus total variation, Geiping et al. 2020; Adam, starting
+from a prior such as the mean public image), then scores the
 reconstruction against the private batch with PSNR/SSIM (best matching order for batches > 1).
 
 Labels: when the ledger holds the released gradient of the logits (``plain`` mode, kind ``grad``) the
@@ -130,6 +131,7 @@ class DLGResult:
     label_source: str
     revealed: list[str]
     grad_cosine: float  # final cosine similarity between dummy and revealed gradients
+    baseline_psnr: float | None  # PSNR of the prior alone (what the attacker knew before the update)
     iters: int
     seconds: float
     originals: Tensor = field(repr=False)
@@ -137,7 +139,8 @@ class DLGResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("mode", "batch_size", "psnr", "ssim", "label_accuracy",
-                                              "label_source", "revealed", "grad_cosine", "iters", "seconds")}
+                                              "label_source", "revealed", "grad_cosine", "baseline_psnr", "iters",
+                                              "seconds")}
 
 
 def _labels_from_classifier(g: Tensor, batch: int) -> Tensor:
@@ -170,11 +173,14 @@ def gradient_leakage_attack(
     classifier: str | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     per_layer: bool = False,
+    prior: Tensor | None = None,
 ) -> DLGResult:
     """Reconstruct ``capture``'s private batch from its revealed update (Adam on the dummy batch).
 
     ``classifier``: name of the last linear weight (default: the last 2-D parameter) for label inference.
     ``per_layer``: average the cosine per revealed tensor instead of over their concatenation (weaker here).
+    ``prior``: an image (e.g. the mean public image) the dummy batch starts from, plus small noise;
+    default: uniform noise.
     """
     if not capture.grads:
         raise ConfigError(f"mode {capture.mode!r} revealed no parameter update: nothing to attack")
@@ -200,7 +206,11 @@ def gradient_leakage_attack(
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, Tensor, Tensor | None] | None = None
     for _ in range(restarts):
-        x = torch.rand(x_true.shape, generator=gen).requires_grad_(True)
+        if prior is None:
+            x = torch.rand(x_true.shape, generator=gen)
+        else:
+            x = (prior.expand_as(x_true) + 0.05 * torch.randn(x_true.shape, generator=gen)).clamp(0, 1)
+        x.requires_grad_(True)
         z = None if labels is not None else torch.randn(B, num_classes, generator=gen).requires_grad_(True)
         opt = torch.optim.Adam([x] + ([z] if z is not None else []), lr=lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(
@@ -239,7 +249,9 @@ def gradient_leakage_attack(
     return DLGResult(
         mode=capture.mode, batch_size=B, psnr=float(psnr(order_rec, x_true).mean()),
         ssim=float(ssim(order_rec, x_true).mean()), label_accuracy=lab_acc, label_source=source,
-        revealed=list(names), grad_cosine=-best[0], iters=iters, seconds=time.perf_counter() - t0,
+        revealed=list(names), grad_cosine=-best[0],
+        baseline_psnr=None if prior is None else float(psnr(prior.expand_as(x_true), x_true).mean()),
+        iters=iters, seconds=time.perf_counter() - t0,
         originals=x_true.clone(), reconstructions=order_rec,
     )
 
