@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -235,8 +236,30 @@ class Conv2dRule(SplitRule):
             Ug = U.view(g, C // g, -1)
             return torch.einsum("gocxy,gcj->gojxy", W, Ug).reshape(O, -1, *m.kernel_size)
         B = U.shape[0]
+        r = U.shape[-1]
+        if g == 1:
+            # one GEMM against the weight laid out as (O·k², C), cached per weight version: much faster
+            # than the equivalent einsum, which re-lays out the weight for every call
+            y = torch.matmul(self._weight_okc(m), U)  # B × O·k² × r
+            return y.view(B, O, *m.kernel_size, r).permute(0, 1, 4, 2, 3).reshape(B * O, r, *m.kernel_size)
         Ug = U.view(B, g, C // g, -1)
         return torch.einsum("gocxy,bgcj->bgojxy", W, Ug).reshape(B * O, -1, *m.kernel_size)
+
+    _okc_cache: dict[int, tuple[int, Any, Tensor]] = {}
+
+    def _weight_okc(self, m: nn.Conv2d) -> Tensor:
+        """The weight as an ``(O·kh·kw, C)`` matrix, cached per weight tensor and version (the entry
+        dies with the weight)."""
+        w = m.weight
+        key = id(w)
+        hit = self._okc_cache.get(key)
+        if hit is not None and hit[0] == w._version and hit[1]() is w:
+            return hit[2]
+        okc = w.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]).contiguous()
+        if hit is None or hit[1]() is not w:
+            weakref.finalize(w, self._okc_cache.pop, key, None)
+        self._okc_cache[key] = (w._version, weakref.ref(w), okc)
+        return okc
 
     @staticmethod
     def _conv_t(m: nn.Conv2d, Wf: Tensor, Q: Tensor, in_shape: tuple[int, ...], groups: int) -> Tensor:
@@ -270,9 +293,9 @@ class Conv2dRule(SplitRule):
                 Wf = self._fold_weight(m, t.f.U)
                 if t.f.shared:
                     return F.conv2d(t.Vmaps, Wf, m.bias, **kw)
-                y = F.conv2d(t.Vmaps.reshape(1, B * r, H, W), Wf, None, groups=B, **kw)
-                y = y.view(B, m.out_channels, ho, wo)
-                return y if m.bias is None else y + m.bias.view(1, -1, 1, 1)
+                bias = None if m.bias is None else m.bias.repeat(B)  # added inside the conv: no extra pass
+                y = F.conv2d(t.Vmaps.reshape(1, B * r, H, W), Wf, bias, groups=B, **kw)
+                return y.view(B, m.out_channels, ho, wo)
             t = t.dense()
         return self.forward_dense(b, [t])
 

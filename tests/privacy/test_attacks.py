@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import asymml
+import asymml.privacy
 from asymml.errors import ConfigError
 from asymml.privacy.attacks.common import (
     AttackMode,
@@ -223,3 +225,17 @@ def test_claim_check() -> None:
     assert claim_check(rows)["holds"]
     rows[-1]["dlg_psnr_b1"] = 18.0
     assert not claim_check(rows)["holds"]
+
+
+@pytest.mark.xfail(strict=True, reason="core bug: the runtime seeds the noise generator with cfg.seed + 1 (public "
+                   "default 0), so the accelerator can replay the noise stream and subtract it")
+def test_noise_cannot_be_replayed_from_the_public_default_seed() -> None:
+    model = _tiny_cnn()
+    sm = asymml.split(model, rank=2, noise=asymml.privacy.NoiseConfig(sigma=5.0, clip=1.0), audit=True)
+    sm(torch.rand(4, 3, 8, 8)).sum().backward()
+    g = torch.Generator().manual_seed(0 + 1)  # what an attacker who read the library's defaults would try
+    for r in sm.executor.ledger:
+        if r.kind in ("residual", "activation", "grad_residual"):
+            n = torch.randn(r.shape, generator=g)
+            std = float((r.tensor * n).sum() / (n * n).sum())
+            assert abs(std - 5.0) > 0.5, f"noise of {r.layer} replayed: the release is de-noised exactly"

@@ -196,8 +196,12 @@ class PrivacyRun:
     def inversion(self, mode: AttackMode, *, decoders: bool = True) -> tuple[dict[str, InversionResult],
                                                                             dict[str, dict[str, Any]]]:
         """Inversion results and MI estimates per attacked layer (``decoders=False``: MI only)."""
-        self.say(f"[{mode.label}] releases of layers {', '.join(self.layers)} during private training")
-        cap = capture_training_releases(self.photo, mode, self.clips(mode, "photo"), self.layers)
+        # plain releases only the raw input (the accelerator computes every other activation from it)
+        layers = ["input"] if mode.split_mode == "plain" else self.layers
+        self.say(f"[{mode.label}] releases of layers {', '.join(layers)} during private training")
+        cap = capture_training_releases(self.photo, mode, self.clips(mode, "photo"), layers)
+        if not cap.private:
+            raise ConfigError(f"mode {mode.label!r} releases none of the layers {', '.join(layers)}")
         inv: dict[str, InversionResult] = {}
         mi: dict[str, dict[str, Any]] = {}
         for layer in cap.private:
