@@ -1,8 +1,8 @@
 """``asymml eval``: test accuracy of a trained model in any execution mode.
 
 Takes an ``asymml train`` checkpoint (the model, dataset and split options are read from it) or a bare
-``state_dict`` such as ``OUT/model.pt`` (options from a ``summary.json``/``checkpoint.pt`` beside it, or
-from ``--model`` / ``--dataset`` / ...).
+``state_dict`` such as ``OUT/model.pt`` (options from the ``summary.json`` beside it, or from ``--model`` /
+``--dataset`` / ...).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MODES = ("asym", "plain", "trusted-only", "noise-only")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..training.config import OPTIONS, _Convert
+    from ..training.config import OPTIONS, OptionType
 
     opts = {o.name: o for o in OPTIONS}
     p = sub.add_parser("eval", help="test accuracy of a checkpoint or state_dict in any mode",
@@ -28,10 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  "workers", "rank", "tau", "decomposition", "iters", "basis", "backward", "seed", "threads",
                  "noise", "nsr", "clip"):
         o = opts[name]
-        p.add_argument(o.cli, dest=name, type=_Convert(o), default=argparse.SUPPRESS,
+        p.add_argument(o.cli, dest=name, type=OptionType(o), default=argparse.SUPPRESS,
                        metavar=o.metavar or name.upper(),
                        help=o.help + " (default: the training run's)")
-    p.add_argument("--batch-size", dest="test_batch_size", type=_Convert(opts["test_batch_size"]),
+    p.add_argument("--batch-size", dest="test_batch_size", type=OptionType(opts["test_batch_size"]),
                    default=argparse.SUPPRESS, metavar="N", help="evaluation batch size (default 256)")
     p.add_argument("--no-noise", action="store_true",
                    help="evaluate without the noise the model was trained with")
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sibling_config(path: Path) -> dict[str, Any] | None:
-    """The training configuration stored next to a bare state_dict (summary.json or checkpoint.pt)."""
+    """The training configuration in the ``summary.json`` next to a bare state_dict (None if absent)."""
     summary = path.parent / "summary.json"
     if summary.is_file():
         try:
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.checkpoint import FORMAT, check_checkpoint, find_checkpoint, is_state_dict, read_file
     from ..training.config import TrainConfig, given_options
     from ..training.loop import Batches, build_model, build_split, evaluate, noise_config
+    from ..training.report import jsonable
 
     path = find_checkpoint(args.checkpoint)
     obj = read_file(path)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": res["seconds"],
     }
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(jsonable(out), indent=2))
     else:
         noise = "" if nc is None else f", noise sigma={cfg.noise}" if cfg.noise is not None else f", nsr={cfg.nsr}"
         print(f"{cfg.model} on {cfg.dataset} ({res['samples']} test images), mode {cfg.mode}{noise}: "

@@ -49,7 +49,10 @@ class LocalExecutor(Executor):
             raise ValueError(f"accelerator device {device!r} requested but CUDA is not available")
         self.home = torch.device("cpu")
         self.ledger = Ledger(audit)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymml-accel")
+        # touch torch's thread settings in the worker at start, so that it honours torch.set_num_threads
+        # from its first op on (results must not depend on the worker thread's history)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymml-accel",
+                                        initializer=torch.get_num_threads)
         self._store: dict[int, Tensor] = {}
         self._states: dict[int, _State] = {}
         self._ids = itertools.count()

@@ -468,7 +468,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- argparse
 
 
-class _Convert:
+class OptionType:
     """argparse ``type=`` wrapper: a converter's ValueError becomes a clear argparse error."""
 
     def __init__(self, opt: Option) -> None:
@@ -498,12 +498,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             g.add_argument(opt.cli, dest=opt.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text + f" (default: {'on' if opt.default else 'off'})")
         elif opt.name == "resume":
-            g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=_Convert(opt),
+            g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=OptionType(opt),
                            default=argparse.SUPPRESS, metavar=opt.metavar, help=help_text)
         else:
-            g.add_argument(opt.cli, dest=opt.name, type=_Convert(opt), default=argparse.SUPPRESS,
+            g.add_argument(opt.cli, dest=opt.name, type=OptionType(opt), default=argparse.SUPPRESS,
                            metavar=opt.metavar or opt.name.upper(), help=help_text)
-    parser.add_argument("--sigma", dest="noise", type=_Convert(_BY_NAME["noise"]), default=argparse.SUPPRESS,
+    parser.add_argument("--sigma", dest="noise", type=OptionType(_BY_NAME["noise"]), default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # alias of --noise
 
 
