@@ -207,3 +207,14 @@ def test_config_files_and_option_validation(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=match):
             TrainConfig(**bad).validate()
     assert "epochs" in RUNTIME_FIELDS and "lr" not in RUNTIME_FIELDS
+
+
+def test_device_spec_accepts_remote_servers() -> None:
+    from asymml.training.config import device_spec
+
+    assert device_spec("tcp://10.0.0.2:7777") == "tcp://10.0.0.2:7777"
+    assert device_spec("unix:///tmp/asymml.sock") == "unix:///tmp/asymml.sock"
+    assert device_spec("CUDA:1") == "cuda:1"
+    for bad in ("tcp://host", "gpu", "unix://relative"):
+        with pytest.raises(ValueError, match="invalid device"):
+            device_spec(bad)

@@ -143,9 +143,12 @@ def clip_spec(value: Any) -> str | float:
 
 
 def device_spec(value: Any) -> str:
-    s = text(value).strip().lower()
+    s = text(value).strip()
+    if re.fullmatch(r"(tcp://[^\s/]+:\d+|unix:///\S+)", s):
+        return s  # a remote accelerator server (`asymml serve`)
+    s = s.lower()
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", s):
-        raise ValueError(f"invalid device {value!r} (choose from cpu, cuda, cuda:N, auto)")
+        raise ValueError(f"invalid device {value!r} (choose from cpu, cuda, cuda:N, auto, tcp://HOST:PORT, unix:///PATH)")
     return s
 
 

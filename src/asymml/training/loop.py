@@ -90,10 +90,11 @@ def noise_config(cfg: TrainConfig) -> Any:
 def build_split(model: nn.Module, cfg: TrainConfig, *, noise: Any = None, device: str | None = None) -> Any:
     """``asymml.split`` of ``model`` with the split options of ``cfg`` (``noise`` as given)."""
     import asymml
+    from asymml.executors import make_executor
 
     return asymml.split(
         model, rank=cfg.rank_spec, decomposition=cfg.decomposition, backward=cfg.backward, noise=noise,
-        mode=cfg.mode, executor=asymml.LocalExecutor(device or cfg.device), iters=cfg.iters, basis=cfg.basis,
+        mode=cfg.mode, executor=make_executor(device or cfg.device), iters=cfg.iters, basis=cfg.basis,
         input_rank=cfg.input_rank, grad_rank=cfg.grad_rank, warm_start=cfg.warm_start, seed=cfg.seed,
     )
 
