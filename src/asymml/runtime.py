@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -147,19 +148,26 @@ class _RegionCall:
             blocked += time.perf_counter() - t0
             outs = []
             in_ptrs = {x.untyped_storage().data_ptr() for x in inputs}
+            refs = Counter(v.untyped_storage().data_ptr() for v in tparts.values() if isinstance(v, Tensor))
+
+            def fresh(z: Tensor) -> bool:
+                """Owned by this output alone: not a view, not an input, not shared with another value."""
+                ptr = z.untyped_storage().data_ptr()
+                return not z._is_view() and ptr not in in_ptrs and refs[ptr] <= 1
+
             for o in reg.outputs:
                 t = dense(tparts[o])
                 r = res.get(o.name)
                 if t is None and r is None:
                     out = torch.zeros(self.shapes[o], dtype=inputs[0].dtype)
                 elif t is None:
-                    out = r.clone() if r.untyped_storage().data_ptr() in in_ptrs else r
+                    out = r.clone()  # r may share storage with the accelerator's kept graph
                 elif r is None:
-                    out = t.clone() if t.untyped_storage().data_ptr() in in_ptrs else t
-                elif t.untyped_storage().data_ptr() in in_ptrs or any(t is v for v in self.saved_t.values()):
-                    out = t + r
-                else:
+                    out = t if fresh(t) and isinstance(tparts[o], Tensor) else t.clone()
+                elif fresh(t) and isinstance(tparts[o], Tensor):
                     out = t.add_(r)  # the trusted part is a fresh tensor: merge in place, no new allocation
+                else:
+                    out = t + r
                 outs.append(out)
         prof.trusted_s["forward"] = prof.trusted_s.get("forward", 0.0) + time.perf_counter() - t_start - blocked
         sm._blocked += blocked
