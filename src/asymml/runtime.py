@@ -149,6 +149,7 @@ class _RegionCall:
             outs = []
             in_ptrs = {x.untyped_storage().data_ptr() for x in inputs}
             refs = Counter(v.untyped_storage().data_ptr() for v in tparts.values() if isinstance(v, Tensor))
+            refs.update(v.untyped_storage().data_ptr() for v in self.saved_t.values() if isinstance(v, Tensor))
 
             def fresh(z: Tensor) -> bool:
                 """Owned by this output alone: not a view, not an input, not shared with another value."""
