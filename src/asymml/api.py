@@ -70,6 +70,7 @@ def split(
     strict: bool = False,
     epc_bytes: int = EPC_DEFAULT_BYTES,
     seed: int = 0,
+    noise_seed: int | None = None,
 ) -> SplitModule:
     """Split ``model`` between the trusted context (this process) and ``executor`` (the accelerator).
 
@@ -87,6 +88,8 @@ def split(
         grad_rank: rank for gradient decomposition in protected mode (default: the layer's forward rank).
         strict: refuse ops that have no split rule and are not known to be non-linear.
         epc_bytes: trusted memory budget the profile compares against.
+        seed: seeds the decomposition's random starts. noise_seed: seeds the DP noise — leave it ``None``
+            (OS entropy) in real use: anyone who knows the seed can regenerate and subtract the noise.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -116,5 +119,5 @@ def split(
         executor.ledger.audit = True
     cfg = SplitConfig(rank=policy, decomposition=decomposition, iters=iters, basis=basis, backward=backward,
                       mode=mode, input_rank=input_rank, grad_rank=gpolicy, warm_start=warm_start, strict=strict,
-                      epc_bytes=epc_bytes, seed=seed)
+                      epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed)
     return SplitModule(model, cfg, executor, mech)

@@ -16,6 +16,7 @@ Backward (SPEC §4), with ``δ`` the output gradient:
 from __future__ import annotations
 
 import itertools
+import secrets
 import operator
 import time
 from collections import Counter
@@ -58,6 +59,7 @@ class SplitConfig:
     noise_grads: bool = True
     epc_bytes: int = EPC_DEFAULT_BYTES
     seed: int = 0
+    noise_seed: int | None = None
 
 
 class _ForwardCtx:
@@ -315,7 +317,10 @@ class SplitModule(nn.Module):
         self._mods: dict[str, nn.Module] = {}
         self._warm: dict[str, Tensor] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
-        self._noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        # DP noise must be unpredictable to the accelerator: a public seed would let it regenerate and
+        # subtract the noise. Seeded from OS entropy unless the caller explicitly asks for replayable noise.
+        noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
+        self._noise_gen = torch.Generator().manual_seed(noise_seed)
         self._keys = _KEYS  # shared: several split models may use one executor
         self._fctx: _ForwardCtx | None = None
         self._profiling = False

@@ -58,7 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=None, help="delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--noise-ratio", type=float, default=None,
                    help="clip rule: noise norm at most this fraction of a typical activation (default 0.1)")
-    p.add_argument("--epochs", type=int, default=None, help="digits training epochs (default 8; --quick: 3)")
+    p.add_argument("--epochs", type=int, default=None, help="digits training epochs (default 8; --quick: 6)")
+    p.add_argument("--rank", default=None,
+                   help="rank policy of the split modes: int, 'schedule' (default) or 'adaptive:TAU'")
     p.add_argument("--batch-size", type=int, default=None, help="digits training (expected) batch size (default 64)")
     p.add_argument("--dlg-iters", type=int, default=None, help="gradient-leakage optimisation steps")
     p.add_argument("--batch-sizes", type=_ints, default=None, help="DLG batch sizes (default 1,8)")
@@ -111,6 +113,15 @@ def build_config(args: argparse.Namespace) -> Any:
         kw["utility"] = replace(cfg.utility, epochs=args.epochs)
     if args.batch_size is not None:
         kw["utility"] = replace(kw.get("utility", cfg.utility), batch_size=args.batch_size)
+    if args.rank is not None:
+        from .. import parse_rank
+
+        rank: Any = int(args.rank) if args.rank.strip().isdigit() else args.rank.strip()
+        try:
+            parse_rank(rank)
+        except ValueError as e:
+            raise ConfigError(f"--rank: {e}") from None
+        kw["utility"] = replace(kw.get("utility", cfg.utility), rank=rank)
     if args.seed is not None:
         kw["utility"] = replace(kw.get("utility", cfg.utility), seed=args.seed)
     cfg = replace(cfg, **kw)

@@ -8,7 +8,14 @@ from asymml.privacy.accounting import (
 )
 from asymml.privacy.noise import NoiseConfig, ReleaseMechanism, clip_per_sample, per_sample_norms
 
+from . import attacks  # noqa: E402
+from .report import ReportConfig, run_attack, run_report  # noqa: E402
+
 __all__ = [
+    "attacks",
+    "ReportConfig",
+    "run_report",
+    "run_attack",
     "NoiseConfig",
     "ReleaseMechanism",
     "clip_per_sample",

@@ -83,8 +83,8 @@ class PhotoTask:
         torch.manual_seed(self.seed)
         model = get_model(self.model_name, num_classes=self.num_classes, in_channels=3,
                           image_size=self.patch_size, width=self.width)
-        for m in model.modules():  # out-of-place activations: same maths, and works around a core bug
-            if getattr(m, "inplace", False):  # (noise-only, batch 1, conv on a 1x1 map before an in-place ReLU)
+        for m in model.modules():  # out-of-place activations (same maths; the attacker's replica of the
+            if getattr(m, "inplace", False):  # model is differentiated twice by the gradient-leakage attack)
                 m.inplace = False
         return model
 
