@@ -21,7 +21,8 @@ from asymml.training.config import RUNTIME_FIELDS
 # a tiny run: 16x16 digits, narrow VGG, 256 training images in 8 steps of 32 per epoch
 # (one torch thread: steady timings on a busy 2-core machine, and the same reduction order in every mode)
 TINY: dict[str, Any] = dict(image_size=16, width=0.25, limit_train=256, limit_test=200, batch_size=32,
-                            test_batch_size=200, lr=0.05, progress=False, log_every=4, threads=1)
+                            test_batch_size=200, lr=0.05, progress=False, log_every=4, threads=1,
+                            noise_seed=7)  # replayable noise: runs are compared step by step
 
 
 @pytest.fixture(autouse=True, scope="module")

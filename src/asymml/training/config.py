@@ -244,8 +244,11 @@ OPTIONS: tuple[Option, ...] = (
     _o("momentum", momentum_value, 0.9, "SGD momentum", "optimisation", metavar="M"),
     _o("nesterov", flag, False, "Nesterov momentum", "optimisation", is_flag=True),
     _o("wd", nonneg_float, 5e-4, "weight decay", "optimisation"),
-    _o("seed", nonneg_int, 0, "seed of model init, data split and order, decompositions and noise",
+    _o("seed", nonneg_int, 0, "seed of model init, data split and order, and decompositions",
        "optimisation", metavar="N"),
+    _o("noise_seed", optional(nonneg_int), None, "seed of the DP noise, for reproducible experiments only "
+       "(default: OS entropy, saved in the checkpoint; an accelerator that knows the seed can subtract the "
+       "noise)", "noise", metavar="N"),
     # split
     _o("rank", rank_spec, "schedule", "rank of the trusted low-rank part: N, a per-layer list 2,4,8, "
        "schedule (2, x2 per conv, cap 32), schedule:START:GROWTH:CAP, adaptive:TAU[:MAX]", "split",
@@ -323,6 +326,7 @@ class TrainConfig:
     nesterov: bool = False
     wd: float = 5e-4
     seed: int = 0
+    noise_seed: int | None = None
     rank: str = "schedule"
     tau: float | None = None
     input_rank: int | None = 1

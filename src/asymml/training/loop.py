@@ -96,6 +96,7 @@ def build_split(model: nn.Module, cfg: TrainConfig, *, noise: Any = None, device
         model, rank=cfg.rank_spec, decomposition=cfg.decomposition, backward=cfg.backward, noise=noise,
         mode=cfg.mode, executor=make_executor(device or cfg.device), iters=cfg.iters, basis=cfg.basis,
         input_rank=cfg.input_rank, grad_rank=cfg.grad_rank, warm_start=cfg.warm_start, seed=cfg.seed,
+        noise_seed=cfg.noise_seed,
     )
 
 
