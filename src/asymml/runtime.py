@@ -16,8 +16,8 @@ Backward (SPEC §4), with ``δ`` the output gradient:
 from __future__ import annotations
 
 import itertools
-import secrets
 import operator
+import secrets
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
