@@ -55,7 +55,7 @@ class Ledger(list):
 
     def private_bytes(self) -> int:
         """Bytes of released tensors that derive from private data (everything but weights)."""
-        return sum(v for k, v in self.bytes_by_kind.items() if k != "weight")
+        return sum(v for k, v in self.bytes_by_kind.items() if k in PRIVATE_DERIVED)
 
     def reset(self) -> None:
         self.clear()

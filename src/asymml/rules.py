@@ -15,7 +15,6 @@ known to be non-linear on purpose, so that strict mode can tell them apart from 
 
 from __future__ import annotations
 
-import math
 import operator
 import weakref
 from collections.abc import Callable
@@ -609,10 +608,6 @@ class ReshapeRule(SplitRule):
     def forward_dense(self, b: Bound, xs: list[Tensor], with_bias: bool = True) -> Tensor:
         return xs[0].reshape(b.kw["shape"])
 
-    def trusted_forward(self, b: Bound, ts: list[TPart], shapes: list[tuple[int, ...]]) -> TPart:
-        out = super().trusted_forward(b, ts, shapes)
-        return out
-
 
 @register_split_rule("mean", torch.mean)
 class MeanRule(SplitRule):
@@ -754,7 +749,3 @@ def lookup(node: Any, module: nn.Module | None) -> tuple[Bound | None, bool]:
     except (ValueError, TypeError, AttributeError, IndexError):
         return None, True
 
-
-def macs_estimate(m: nn.Conv2d, hw_out: int) -> int:
-    """Multiply-accumulates of a full conv per sample (used for messages and cost models)."""
-    return m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size) * hw_out

@@ -204,7 +204,6 @@ def build_plan(gm: fx.GraphModule, *, strict: bool = False) -> Plan:
     # ---- condensed topological order (regions as super-nodes), stable w.r.t. the original order
     unit_of: dict[fx.Node, Any] = {n: node_region.get(n, n) for n in nodes}
     units = list(dict.fromkeys(unit_of[n] for n in nodes))
-    uid = {id(u): k for k, u in enumerate(units)}
     indeg = {id(u): 0 for u in units}
     succ: dict[int, set[int]] = {id(u): set() for u in units}
     for n in nodes:
@@ -227,7 +226,6 @@ def build_plan(gm: fx.GraphModule, *, strict: bool = False) -> Plan:
                 heapq.heappush(heap, (first[s], s))
     if len(out_units) != len(units):  # pragma: no cover - guarded by the cycle checks above
         raise RuntimeError("internal error: region graph has a cycle")
-    del uid
 
     # ---- fuse activation → max-pool (monotone activations commute with max): pool first, then activate
     fused: dict[fx.Node, fx.Node] = {}
