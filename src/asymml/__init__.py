@@ -3,10 +3,17 @@
 from .api import split
 from .decomposition import AdaptiveRank, FixedRank, RankList, RankSchedule, decompose, parse_rank
 from .errors import (
+    AcceleratorConnectionError,
     AsymmlError,
     CheckpointError,
     ConfigError,
+    DatasetNotFoundError,
     InputError,
+    IntegrityError,
+    PrivacyConfigError,
+    ProtocolError,
+    RemoteError,
+    TrainingDivergedError,
     UnsupportedOperationError,
     UntraceableModelError,
 )
@@ -21,5 +28,6 @@ __all__ = [
     "split", "SplitModule", "Executor", "LocalExecutor", "RemoteExecutor", "Ledger", "Release", "validate", "fix",
     "ValidationReport", "decompose", "parse_rank", "FixedRank", "RankList", "RankSchedule", "AdaptiveRank",
     "AsymmlError", "ConfigError", "InputError", "UnsupportedOperationError", "UntraceableModelError",
-    "CheckpointError",
+    "CheckpointError", "IntegrityError", "PrivacyConfigError", "DatasetNotFoundError", "TrainingDivergedError",
+    "ProtocolError", "RemoteError", "AcceleratorConnectionError",
 ]

@@ -25,3 +25,35 @@ class InputError(AsymmlError, ValueError):
 
 class CheckpointError(AsymmlError, ValueError):
     """A corrupt checkpoint, or one from another model/config."""
+
+
+class DatasetNotFoundError(AsymmlError, FileNotFoundError):
+    """The dataset's files are not on disk (and ``download`` was not requested)."""
+
+
+class ManifestError(AsymmlError, ValueError):
+    """A manifest (template) that does not render, parse or validate."""
+
+
+class TrainingDivergedError(AsymmlError, RuntimeError):
+    """The loss or the activations became NaN/Inf (the last checkpoint is kept)."""
+
+
+class ProtocolError(AsymmlError, ValueError):
+    """A message that does not follow the asymml wire protocol."""
+
+
+class RemoteError(AsymmlError, RuntimeError):
+    """The accelerator server reported an error for a request."""
+
+
+class AcceleratorConnectionError(AsymmlError, ConnectionError):
+    """The connection to the accelerator server failed, was lost or timed out."""
+
+
+class IntegrityError(AsymmlError, RuntimeError):
+    """An accelerator result failed verification (shape, dtype, finiteness or a randomized check)."""
+
+
+class PrivacyConfigError(ConfigError):
+    """A configuration whose reported privacy guarantee would not hold (e.g. samples coupled under noise)."""

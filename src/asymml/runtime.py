@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -248,7 +249,9 @@ class _RegionCall:
                         "does this for in-place activations)."
                     )
             # parameter gradients
-            pgrads: list[Tensor | None] = [None] * len(sm._region_params(reg))
+            rparams = sm._region_params(reg)
+            pgrads: list[Tensor | None] = [None] * len(rparams)
+            sink = sm.public_grad_sink
             pidx = 0
             for n in reg.nodes:
                 b = reg.bound[n]
@@ -265,7 +268,10 @@ class _RegionCall:
                         g = pg.get(k)
                         acc = res["param_grads"].get(f"{n.name}.{k}")
                         if acc is not None:
-                            g = acc if g is None else g + acc
+                            if sink is not None:  # DP on updates: the public share is kept apart
+                                sink(rparams[pidx + names.index(k)][2], acc)
+                            else:
+                                g = acc if g is None else g + acc
                         pgrads[pidx + names.index(k)] = g
                 pidx += len(names)
             in_grads: list[Tensor | None] = []
@@ -329,6 +335,11 @@ class SplitModule(nn.Module):
         self._layers: dict[str, LayerProfile] = {}
         self._release_stats: dict[str, dict[str, Any]] = {}
         self._first_conv_in = self._find_first_conv_channels(model)
+        #: When set, the accelerator's share of each parameter gradient (``R̃⋆δ_R``, computed only from
+        #: released tensors, hence post-processing) is handed to ``sink(param, grad)`` instead of being
+        #: added to ``param.grad``; ``param.grad`` then holds only the trusted share, which DP-SGD on
+        #: updates clips per sample and noises before the optimizer step.
+        self.public_grad_sink: Callable[[nn.Parameter, Tensor], None] | None = None
 
     # ------------------------------------------------------------------ public helpers
     @property

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from ..errors import DatasetNotFoundError
 from .photos import photo_split_patches
 
 __all__ = [
@@ -54,10 +55,6 @@ class DatasetSplit:
     image_size: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are not on disk (and ``download`` was not requested)."""
 
 
 class ImageTensorDataset(TensorDataset):

@@ -13,17 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..errors import AsymmlError
+from ..errors import ManifestError
 
 TEMPLATE = Path(__file__).with_name("asymml.manifest.template")
 
 MOUNT_TYPES = ("chroot", "encrypted", "tmpfs", "untrusted_shm")
 LOG_LEVELS = ("none", "error", "warning", "debug", "trace", "all")
 _SIZE = re.compile(r"^[0-9]+[KMG]?$")
-
-
-class ManifestError(AsymmlError, ValueError):
-    """A manifest (template) that does not render, parse or validate."""
 
 
 def dummy_context() -> dict[str, Any]:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import AsymmlError, ConfigError
+from ..errors import AcceleratorConnectionError, ConfigError, ProtocolError, RemoteError
 from ..ledger import Ledger
 from .base import BackwardRequest, Executor, Handle
 from .ops import Instr
@@ -68,18 +68,6 @@ _ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()
 
 # operations the client sends without waiting for an answer (the server only answers them on error)
 ONE_WAY = frozenset({"release", "discard", "free", "drop_weights", "reset_stats", "set_profiling", "bye"})
-
-
-class ProtocolError(AsymmlError, ValueError):
-    """A message that does not follow the asymml wire protocol."""
-
-
-class RemoteError(AsymmlError, RuntimeError):
-    """The accelerator server reported an error for a request."""
-
-
-class AcceleratorConnectionError(AsymmlError, ConnectionError):
-    """The connection to the accelerator server failed, was lost or timed out."""
 
 
 # ---------------------------------------------------------------------------------------------- addresses

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import AsymmlError, CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
@@ -200,10 +200,6 @@ def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: s
 
 
 # ------------------------------------------------------------------------------------------ divergence
-
-
-class TrainingDivergedError(AsymmlError, RuntimeError):
-    """The loss or the activations became NaN/Inf (the last epoch checkpoint is kept)."""
 
 
 _DIVERGED_HINT = ("lower --lr, the noise (--noise/--nsr/--epsilon) or --clip (checkpoints of completed epochs "
