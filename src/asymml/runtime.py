@@ -20,9 +20,9 @@ import operator
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import torch
