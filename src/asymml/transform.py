@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .errors import UnsupportedOperationError, UntraceableModelError
 from .executors.ops import Instr
-from .rules import Bound, Conv2dRule, lookup
+from .rules import Bound, lookup
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -177,8 +177,7 @@ def build_plan(gm: fx.GraphModule, *, strict: bool = False) -> Plan:
             if any(u not in mset for u in m.users):
                 reg.outputs.append(m)
         for m in members:
-            b = bound[m]
-            if isinstance(b.rule, Conv2dRule):
+            if bound[m].rule.decomposes_input:
                 a = reg.arg_nodes(m)[0]
                 if a in reg.inputs:
                     reg.decompose.add(a)

@@ -1,0 +1,254 @@
+"""Convolution and linear layers: the two ops with a weight matrix, the bulk of the FLOPs.
+
+Conv2d folds the low-rank factor ``U`` into its weights when that is cheaper (cost model below) and
+correlates the ``r`` maps of ``V`` instead of full activations for the weight gradient.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .base import Bound, Low, TPart, WeightedRule, dense
+from .registry import register_split_rule
+
+
+def _conv_geom(m: nn.Conv2d) -> dict[str, Any]:
+    if isinstance(m.padding, str):
+        raise ValueError("string padding")
+    return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+
+
+@register_split_rule(nn.Conv2d)
+class Conv2dRule(WeightedRule):
+    """Conv2d of any stride/padding/dilation/groups. Folds ``U`` into the weights when that is cheaper."""
+
+    decomposes_input = True
+    accel_op = "conv2d"
+
+    def bind(self, node: Any, module: nn.Module | None) -> Bound | None:
+        m = module
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return None
+        return Bound(self, m, _conv_geom(m), 1)
+
+    def out_shape(self, b: Bound, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        B, _, H, W = shapes[0]
+        return (B, b.module.out_channels, *self._out_hw(b.module, H, W))
+
+    def forward_dense(self, b: Bound, xs: list[Tensor], with_bias: bool = True) -> Tensor:
+        m = b.module
+        return F.conv2d(xs[0], m.weight, m.bias if with_bias else None, **b.kw)
+
+    # cost model (multiply-accumulates) ------------------------------------------------------
+    @staticmethod
+    def _out_hw(m: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+        ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        return ho, wo
+
+    def _fold_cheaper(self, m: nn.Conv2d, B: int, r: int, shared: bool, hw_in: int, hw_out: int) -> bool:
+        C, O, g = m.in_channels, m.out_channels, m.groups
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        fold = (1 if shared else B) * O * (C // g) * r * kk + B * O * r * kk * hw_out
+        direct = B * C * r * hw_in + B * O * (C // g) * kk * hw_out
+        return fold < direct
+
+    def _gfold_cheaper(self, m: nn.Conv2d, B: int, r: int, hw_in: int, hw_out: int) -> bool:
+        """Cost model for folding a low-rank *gradient* ``P Q`` (output side) into the weights."""
+        C, O, g = m.in_channels, m.out_channels, m.groups
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        fold = B * r * O * (C // g) * kk + B * r * C * kk * hw_out
+        direct = B * O * r * hw_out + B * O * (C // g) * kk * hw_out
+        return fold < direct
+
+    def _fold_weight(self, m: nn.Conv2d, U: Tensor) -> Tensor:
+        """``W'[o, j] = Σ_{c ∈ group(o)} W[o, c] U[c, j]`` → ``(…, O, r, kh, kw)``."""
+        g, O, C = m.groups, m.out_channels, m.in_channels
+        W = m.weight.view(g, O // g, C // g, *m.kernel_size)
+        if U.dim() == 2:
+            Ug = U.view(g, C // g, -1)
+            return torch.einsum("gocxy,gcj->gojxy", W, Ug).reshape(O, -1, *m.kernel_size)
+        B = U.shape[0]
+        r = U.shape[-1]
+        if g == 1:
+            # one GEMM against the weight laid out as (O·k², C), cached per weight version: much faster
+            # than the equivalent einsum, which re-lays out the weight for every call
+            y = torch.matmul(self._weight_okc(m), U)  # B × O·k² × r
+            return y.view(B, O, *m.kernel_size, r).permute(0, 1, 4, 2, 3).reshape(B * O, r, *m.kernel_size)
+        Ug = U.view(B, g, C // g, -1)
+        return torch.einsum("gocxy,bgcj->bgojxy", W, Ug).reshape(B * O, -1, *m.kernel_size)
+
+    _okc_cache: dict[int, tuple[int, Any, Tensor]] = {}
+
+    def _weight_okc(self, m: nn.Conv2d) -> Tensor:
+        """The weight as an ``(O·kh·kw, C)`` matrix, cached per weight tensor and version (the entry
+        dies with the weight)."""
+        w = m.weight
+        key = id(w)
+        hit = self._okc_cache.get(key)
+        if hit is not None and hit[0] == w._version and hit[1]() is w:
+            return hit[2]
+        okc = w.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]).contiguous()
+        if hit is None or hit[1]() is not w:
+            weakref.finalize(w, self._okc_cache.pop, key, None)
+        self._okc_cache[key] = (w._version, weakref.ref(w), okc)
+        return okc
+
+    @staticmethod
+    def _conv_t(m: nn.Conv2d, Wf: Tensor, Q: Tensor, in_shape: tuple[int, ...], groups: int) -> Tensor:
+        """Transposed conv of the ``r`` maps ``Q`` with folded weights ``Wf`` (``groups·r × C × k × k``).
+
+        A stride-1 transposed conv is a conv with the flipped, transposed kernel; oneDNN's forward conv
+        is 3–5× faster than its backward-data kernel at these shapes."""
+        k, p, dl = m.kernel_size, m.padding, m.dilation
+        pad = (dl[0] * (k[0] - 1) - p[0], dl[1] * (k[1] - 1) - p[1])
+        if m.stride == (1, 1) and min(pad) >= 0:
+            r = Wf.shape[0] // groups
+            C = Wf.shape[1]
+            Wt = Wf.view(groups, r, C, *k).transpose(1, 2).flip(-1, -2).reshape(groups * C, r, *k)
+            return F.conv2d(Q, Wt, None, padding=pad, dilation=dl, groups=groups)
+        return conv2d_input(in_shape, Wf, Q, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups)
+
+    def trusted_forward(self, b: Bound, ts: list[TPart], shapes: list[tuple[int, ...]]) -> TPart:
+        m, t = b.module, ts[0]
+        if t is None:
+            if m.bias is None:
+                return None
+            B, _, H, W = shapes[0]
+            ho, wo = self._out_hw(m, H, W)
+            return m.bias.view(1, -1, 1, 1).expand(B, -1, ho, wo).contiguous()
+        if isinstance(t, Low):
+            B, C, H, W = t.shape
+            r = t.f.rank
+            ho, wo = self._out_hw(m, H, W)
+            if self._fold_cheaper(m, B, r, t.f.shared, H * W, ho * wo):
+                kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+                Wf = self._fold_weight(m, t.f.U)
+                if t.f.shared:
+                    return F.conv2d(t.Vmaps, Wf, m.bias, **kw)
+                bias = None if m.bias is None else m.bias.repeat(B)  # added inside the conv: no extra pass
+                y = F.conv2d(t.Vmaps.reshape(1, B * r, H, W), Wf, bias, groups=B, **kw)
+                return y.view(B, m.out_channels, ho, wo)
+            t = t.dense()
+        return self.forward_dense(b, [t])
+
+    def input_grad(self, b: Bound, d: TPart, shapes: list[tuple[int, ...]]) -> list[TPart]:
+        m = b.module
+        if d is None:
+            return [None]
+        B, C, H, W = shapes[0]
+        if isinstance(d, Low) and d.f.shared:
+            r = d.f.rank
+            ho, wo = d.spatial
+            if self._gfold_cheaper(m, 1, r, H * W, ho * wo):
+                g, O = m.groups, m.out_channels
+                Wv = m.weight.view(g, O // g, C // g, *m.kernel_size)
+                Wf = torch.einsum("goj,gocxy->jgcxy", d.f.U.view(g, O // g, r), Wv).reshape(r, C, *m.kernel_size)
+                return [self._conv_t(m, Wf, d.Vmaps, (B, C, H, W), 1)]
+        if isinstance(d, Low) and not d.f.shared:
+            r = d.f.rank
+            ho, wo = d.spatial
+            # convT(P Q, W) = convT(Q, Σ_o P[o,j] W[o,c]) — the same fold, on the gradient side
+            if not d.f.shared and self._gfold_cheaper(m, B, r, H * W, ho * wo):
+                g, O = m.groups, m.out_channels
+                Wv = m.weight.view(g, O // g, C // g, *m.kernel_size)
+                P = d.f.U.view(B, g, O // g, r)
+                Wf = torch.einsum("bgoj,gocxy->bjgcxy", P, Wv).reshape(B * r, C, *m.kernel_size)
+                gx = self._conv_t(m, Wf, d.Vmaps.reshape(1, B * r, ho, wo), (1, B * C, H, W), B)
+                return [gx.view(B, C, H, W)]
+            d = d.dense()
+        return [conv2d_input(shapes[0], m.weight, d, stride=m.stride, padding=m.padding,
+                             dilation=m.dilation, groups=m.groups)]
+
+    def param_grads(
+        self, b: Bound, t_in: TPart, r_in: Tensor | None, delta: Tensor, d_t: TPart, shape: tuple[int, ...]
+    ) -> dict[str, Tensor]:
+        m = b.module
+        g, O, C = m.groups, m.out_channels, m.in_channels
+        kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+        B, _, H, W = shape
+        ho, wo = delta.shape[-2:]
+        gw = torch.zeros_like(m.weight)
+        # T ⋆ δ  (T low-rank: per-sample correlations of the r maps of V with δ, then expand by U)
+        if isinstance(t_in, Low) and self._fold_cheaper(m, B, t_in.f.rank, t_in.f.shared, H * W, ho * wo):
+            r = t_in.f.rank
+            if t_in.f.shared:
+                G = conv2d_weight(t_in.Vmaps, (O, r, *m.kernel_size), delta, **kw)
+                Ug = t_in.f.U.view(g, C // g, r)
+                gw += torch.einsum("gojxy,gcj->gocxy", G.view(g, O // g, r, *m.kernel_size), Ug).reshape(gw.shape)
+            else:
+                G = conv2d_weight(t_in.Vmaps.reshape(1, B * r, H, W), (B * O, r, *m.kernel_size),
+                                  delta.reshape(1, B * O, ho, wo), groups=B, **kw)
+                G = G.view(B, g, O // g, r, *m.kernel_size)
+                Ug = t_in.f.U.view(B, g, C // g, r)
+                gw += torch.einsum("bgojxy,bgcj->gocxy", G, Ug).reshape(gw.shape)
+        elif t_in is not None:
+            gw += conv2d_weight(dense(t_in), m.weight.shape, delta, groups=g, **kw)
+        # R̃ ⋆ δ_T  (δ_T low-rank: correlate R̃ with the r maps of Q, then expand by P)
+        if r_in is not None and d_t is not None:
+            if isinstance(d_t, Low) and d_t.f.shared and self._gfold_cheaper(m, 1, d_t.f.rank, H * W, ho * wo):
+                r = d_t.f.rank
+                Hm = conv2d_weight(r_in, (r, C, *m.kernel_size), d_t.Vmaps, **kw)
+                P = d_t.f.U.view(g, O // g, r)
+                gw += torch.einsum("goj,jgcxy->gocxy", P, Hm.view(r, g, C // g, *m.kernel_size)).reshape(gw.shape)
+            elif isinstance(d_t, Low) and not d_t.f.shared and self._gfold_cheaper(m, B, d_t.f.rank, H * W, ho * wo):
+                r = d_t.f.rank
+                Hm = conv2d_weight(r_in.reshape(1, B * C, H, W), (B * r, C, *m.kernel_size),
+                                   d_t.Vmaps.reshape(1, B * r, ho, wo), groups=B, **kw)
+                Hm = Hm.view(B, r, g, C // g, *m.kernel_size)
+                P = d_t.f.U.view(B, g, O // g, r)
+                gw += torch.einsum("bjgcxy,bgoj->gocxy", Hm, P).reshape(gw.shape)
+            else:
+                gw += conv2d_weight(r_in, m.weight.shape, dense(d_t), groups=g, **kw)
+        out = {"weight": gw}
+        if m.bias is not None:
+            out["bias"] = delta.sum((0, 2, 3))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ linear
+
+
+@register_split_rule(nn.Linear)
+class LinearRule(WeightedRule):
+    """Linear layers: the trusted share is dense (a per-sample low-rank input saves nothing here)."""
+
+    accel_op = "linear"
+
+    def bind(self, node: Any, module: nn.Module | None) -> Bound | None:
+        return Bound(self, module, {}, 1)
+
+    def out_shape(self, b: Bound, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        return (*shapes[0][:-1], b.module.out_features)
+
+    def forward_dense(self, b: Bound, xs: list[Tensor], with_bias: bool = True) -> Tensor:
+        return F.linear(xs[0], b.module.weight, b.module.bias if with_bias else None)
+
+    def input_grad(self, b: Bound, d: TPart, shapes: list[tuple[int, ...]]) -> list[TPart]:
+        if d is None:
+            return [None]
+        return [dense(d) @ b.module.weight]
+
+    def param_grads(
+        self, b: Bound, t_in: TPart, r_in: Tensor | None, delta: Tensor, d_t: TPart, shape: tuple[int, ...]
+    ) -> dict[str, Tensor]:
+        m = b.module
+        d2 = delta.reshape(-1, delta.shape[-1])
+        gw = torch.zeros_like(m.weight)
+        if t_in is not None:
+            gw += d2.t() @ dense(t_in).reshape(-1, m.in_features)
+        if r_in is not None and d_t is not None:
+            gw += dense(d_t).reshape(-1, m.out_features).t() @ r_in.reshape(-1, m.in_features)
+        out = {"weight": gw}
+        if m.bias is not None:
+            out["bias"] = d2.sum(0)
+        return out
+
