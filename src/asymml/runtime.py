@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -323,10 +322,11 @@ class SplitModule(nn.Module):
         self._mods: dict[str, nn.Module] = {}
         self._warm: dict[str, Tensor] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
-        # DP noise must be unpredictable to the accelerator: a public seed would let it regenerate and
-        # subtract the noise. Seeded from OS entropy unless the caller explicitly asks for replayable noise.
-        noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
-        self._noise_gen = torch.Generator().manual_seed(noise_seed)
+        # DP noise must be unpredictable to the accelerator: the mechanism owns a ChaCha20 generator keyed
+        # from the OS (asymml.privacy.secure_rng), never checkpointed. noise_seed is the INSECURE, reproducible
+        # option for experiments (anyone who knows it can subtract the noise); the mechanism warns.
+        if cfg.noise_seed is not None and mechanism is not None and hasattr(mechanism, "set_insecure_seed"):
+            mechanism.set_insecure_seed(cfg.noise_seed)
         self._keys = _KEYS  # shared: several split models may use one executor
         self._fctx: _ForwardCtx | None = None
         self._profiling = False
@@ -487,7 +487,7 @@ class SplitModule(nn.Module):
             ratio = ((xx - f.V.square().sum((1, 2))).clamp_min(0) / xx.clamp_min(1e-30))
             rel = R.reshape(x.shape)
             if self.mechanism is not None:
-                rel = self.mechanism(rel, layer=layer, generator=self._noise_gen)
+                rel = self.mechanism(rel, layer=layer)
             h = self.executor.release(rel, layer=layer, kind="residual" if r > 0 else "activation")
             if self._meter is not None:
                 self._meter.mark_public(rel)
@@ -526,7 +526,7 @@ class SplitModule(nn.Module):
             self._warm[layer] = f.U
         rel = R.reshape(g.shape)
         if self.mechanism is not None and cfg.noise_grads:
-            rel = self.mechanism(rel, layer=layer, generator=self._noise_gen)
+            rel = self.mechanism(rel, layer=layer)
         h = self.executor.release(rel, layer=layer, kind="grad_residual")
         return (Low(f, (H, W)) if r > 0 else None), h
 

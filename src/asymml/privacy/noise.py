@@ -27,6 +27,14 @@ releases of a sample.  ``sigma_eff`` comes from exactly one of three options:
     layer's size and is tiny for real feature maps (d in the thousands), so an nsr setting that keeps
     accuracy usually buys a very large epsilon.  The accountant reports it honestly.
 
+Noise source: every mechanism owns a :class:`~asymml.privacy.secure_rng.SecureGenerator` (ChaCha20 under a
+256-bit key from the OS; hardened float64 Box–Muller Gaussians as Opacus' ``secure_mode``).  The key is never
+in :meth:`ReleaseMechanism.state_dict` or a checkpoint, so a resumed run draws fresh noise.  Each release is
+an addressed draw ``(layer, release index of that layer)``.  ``NoiseConfig(insecure_seed=s)`` (or
+:meth:`ReleaseMechanism.set_insecure_seed`) makes the noise reproducible for experiments -- and removable
+by anyone who knows ``s``: it warns (:class:`~asymml.privacy.secure_rng.InsecureNoiseWarning`) and
+:attr:`ReleaseMechanism.secure` is False.
+
 Clip ``c``: a fixed float, or ``"auto"`` / ``"auto:q"`` -- adaptive, per layer, the exponential moving
 average of the ``q``-quantile (default 0.5) of the per-sample norms of that layer's recent releases.
 **An adaptive clip is not formally DP-accounted**: the bound itself is computed from private data and is
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Real
@@ -44,6 +53,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .secure_rng import InsecureNoiseWarning, SecureGenerator
 
 __all__ = ["NoiseConfig", "ReleaseMechanism", "clip_per_sample", "per_sample_norms", "parse_clip"]
 
@@ -89,7 +100,9 @@ class NoiseConfig:
     noise-to-signal amplitude ratio, ``E||noise|| ~= nsr * clip`` (per-release multiplier
     ``nsr / sqrt(d)``, see the module docstring).  ``epsilon``/``delta``: target privacy for the planned
     run, sigma solved by the accountant.  ``clip``: per-sample L2 bound of each release, or
-    ``"auto"``/``"auto:q"`` (adaptive; not formally DP-accounted).  Validated on construction.
+    ``"auto"``/``"auto:q"`` (adaptive; not formally DP-accounted).  ``insecure_seed``: **INSECURE**,
+    experiments only -- makes the noise reproducible and therefore removable by anyone who knows the seed
+    (default None: a fresh 256-bit OS key per mechanism).  Validated on construction.
     """
 
     sigma: float | None = None
@@ -97,6 +110,7 @@ class NoiseConfig:
     epsilon: float | None = None
     delta: float = 1e-5
     clip: float | str = 1.0
+    insecure_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +136,9 @@ class NoiseConfig:
         if not _is_real(self.delta) or not (0.0 < self.delta < 1.0):
             raise ValueError(f"delta must be in (0, 1) (got {self.delta!r})")
         parse_clip(self.clip)
+        s = self.insecure_seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+            raise ValueError(f"insecure_seed must be an integer >= 0 or None (got {s!r})")
 
     @classmethod
     def from_options(
@@ -131,11 +148,12 @@ class NoiseConfig:
         epsilon: float | None = None,
         delta: float = 1e-5,
         clip: float | str = 1.0,
+        insecure_seed: int | None = None,
     ) -> NoiseConfig | None:
         """Build a config from CLI-style options; ``None`` when none of sigma/nsr/epsilon is given."""
         if sigma is None and nsr is None and epsilon is None:
             return None
-        return cls(sigma=sigma, nsr=nsr, epsilon=epsilon, delta=delta, clip=clip)
+        return cls(sigma=sigma, nsr=nsr, epsilon=epsilon, delta=delta, clip=clip, insecure_seed=insecure_seed)
 
     @property
     def kind(self) -> str:
@@ -225,13 +243,18 @@ def clip_per_sample(r: Tensor, clip: float) -> Tensor:
 class ReleaseMechanism:
     """Clip each sample's release to L2 norm c and add N(0, (sigma*c)^2).
 
-    Draws noise only from the trusted generator it is given.
+    The mechanism owns its noise generator: a :class:`~asymml.privacy.secure_rng.SecureGenerator` with a
+    fresh OS key (or, **insecure**, one keyed by ``config.insecure_seed``), never torch's global RNG, which
+    untrusted code could seed or read.  Runtimes call ``mechanism(release, layer=name)``.
 
     ``sigma`` is the resolved noise multiplier (required for ``epsilon`` configs, optional for ``sigma``
-    configs, forbidden for ``nsr`` configs).  Noise comes from the ``generator`` passed to the call, else
-    the one given here, else a private generator seeded from OS entropy -- never from torch's global RNG,
-    which untrusted code could seed or read.  With ``clip="auto"`` the per-layer bound is an EMA
+    configs, forbidden for ``nsr`` configs).  ``generator``: a ``SecureGenerator`` to use instead of the
+    default one; a ``torch.Generator`` is accepted for old experiments only (**insecure**: its seeds alias
+    modulo 2^32 and its stream is predictable; warns).  With ``clip="auto"`` the per-layer bound is an EMA
     (momentum ``ema``) of the configured quantile of the layer's per-sample norms.
+
+    :meth:`state_dict` / :meth:`load_state_dict` carry the adaptive clip, norm history, multipliers and
+    release counters -- never the generator's key or position.
     """
 
     def __init__(
@@ -239,7 +262,7 @@ class ReleaseMechanism:
         config: NoiseConfig,
         sigma: float | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: SecureGenerator | torch.Generator | None = None,
         ema: float = 0.9,
         track_norms: bool = False,
         norm_history: int = 4096,
@@ -266,7 +289,14 @@ class ReleaseMechanism:
         self.config = config
         self._sigma: float | None = None if sigma is None else float(sigma)
         self._fixed_clip, self._quantile = parse_clip(config.clip)
-        self._generator = generator
+        self._torch_generator: torch.Generator | None = None
+        if isinstance(generator, torch.Generator):
+            _warn_torch_generator()
+            self._torch_generator = generator
+            generator = None
+        if generator is not None and not isinstance(generator, SecureGenerator):
+            raise TypeError(f"generator must be a SecureGenerator (got {type(generator).__name__})")
+        self._rng: SecureGenerator = generator if generator is not None else _default_rng(config.insecure_seed)
         self._ema = ema
         self._track_norms = track_norms or self._quantile is not None
         self._norm_history = int(norm_history)
@@ -275,6 +305,50 @@ class ReleaseMechanism:
         self._norms: dict[str, Tensor] = {}
         self._multipliers: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- generator and state
+    @property
+    def secure(self) -> bool:
+        """True when the noise comes from an OS-keyed generator (no insecure seed, no torch generator)."""
+        return self._torch_generator is None and self._rng.secure
+
+    def set_insecure_seed(self, seed: int | None) -> None:
+        """**INSECURE**: key the noise by ``seed`` (reproducible experiments only; warns).  ``None``: a fresh
+        OS key.  Counters are kept, so a resumed run with the same seed replays the same noise."""
+        with self._lock:
+            self._rng = _default_rng(seed)
+            self._torch_generator = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adaptive clip, norm history, multipliers and release counters (never the noise key or position)."""
+        with self._lock:
+            return {
+                "version": 1,
+                "clip_state": dict(self._clip_state),
+                "norms": {k: v.clone() for k, v in self._norms.items()},
+                "multipliers": dict(self._multipliers),
+                "counts": dict(self._counts),
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.  A secure generator is re-keyed from the OS, so restored counters
+        never replay noise already drawn under the current key (a resumed run draws fresh noise)."""
+        unknown = set(state) - {"version", "clip_state", "norms", "multipliers", "counts"}
+        if unknown:
+            raise KeyError(f"unexpected mechanism state keys: {sorted(unknown)} (noise state is never restored)")
+        with self._lock:
+            self._clip_state = {str(k): float(v) for k, v in state.get("clip_state", {}).items()}
+            self._norms = {str(k): torch.as_tensor(v).detach().float().cpu().clone()
+                           for k, v in state.get("norms", {}).items()}
+            self._multipliers = {str(k): float(v) for k, v in state.get("multipliers", {}).items()}
+            self._counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+        self._rng.rekey()
+
+    @property
+    def releases(self) -> int:
+        """Releases so far, all layers together."""
+        with self._lock:
+            return sum(self._counts.values())
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -325,8 +399,11 @@ class ReleaseMechanism:
             return self._norms.get(layer, torch.empty(0)).clone()
 
     # ----------------------------------------------------------------- the release
-    def __call__(self, r: Tensor, *, layer: str, generator: torch.Generator | None = None) -> Tensor:
-        """Clip and noise ``r`` (``(B, ...)``, dim 0 = sample) for release; returns a new tensor."""
+    def __call__(self, r: Tensor, *, layer: str, generator: SecureGenerator | torch.Generator | None = None) -> Tensor:
+        """Clip and noise ``r`` (``(B, ...)``, dim 0 = sample) for release; returns a new tensor.
+
+        Noise comes from the mechanism's own generator; ``generator`` overrides it for this call (a
+        ``torch.Generator`` is insecure and warns)."""
         if not isinstance(r, Tensor) or r.dim() == 0:
             raise ValueError("release must be a tensor with a leading sample dimension")
         if not r.is_floating_point():
@@ -337,14 +414,17 @@ class ReleaseMechanism:
         multiplier = self.multiplier_for(d)
         with self._lock:
             self._multipliers[layer] = multiplier
-            self._counts[layer] = self._counts.get(layer, 0) + 1
+            index = self._counts.get(layer, 0)  # the release's address in the noise stream
+            self._counts[layer] = index + 1
         if clip is None:  # adaptive clip, nothing seen yet and an empty batch: nothing to release
             return r.clone()
         scale = _clip_scale(norms, clip).to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
         out = r * scale
         std = multiplier * clip
         if std > 0 and out.numel() > 0:
-            out = out + std * self._noise_like(out, generator)
+            noise = self._noise(out, generator, layer, index)
+            # added in float64, rounded once to the release's dtype
+            out = (out.to(torch.float64) + std * noise.to(out.device)).to(out.dtype)
         return out
 
     def _update_and_get_clip(self, layer: str, norms: Tensor) -> float | None:
@@ -365,21 +445,36 @@ class ReleaseMechanism:
                 self._clip_state[layer] = ema
             return self._clip_state.get(layer)
 
-    def _noise_like(self, out: Tensor, generator: torch.Generator | None) -> Tensor:
-        gen = generator if generator is not None else self._trusted_generator()
-        dtype = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
-        noise = torch.randn(out.shape, generator=gen, device=gen.device, dtype=dtype)
-        return noise.to(device=out.device, dtype=out.dtype)
-
-    def _trusted_generator(self) -> torch.Generator:
-        with self._lock:
-            if self._generator is None:
-                gen = torch.Generator()
-                gen.seed()  # OS entropy, independent of torch's global RNG
-                self._generator = gen
-            return self._generator
+    def _noise(self, out: Tensor, generator: Any, layer: str, index: int) -> Tensor:
+        """Standard normal noise shaped like ``out``, float64, on the CPU (trusted)."""
+        if generator is None:
+            generator = self._torch_generator
+        if isinstance(generator, torch.Generator):  # legacy, insecure
+            if generator is not self._torch_generator:
+                _warn_torch_generator()
+            return torch.randn(out.shape, generator=generator, device=generator.device, dtype=torch.float64)
+        rng = generator if generator is not None else self._rng
+        if not isinstance(rng, SecureGenerator):
+            raise TypeError(f"generator must be a SecureGenerator (got {type(rng).__name__})")
+        return rng.standard_normal(tuple(out.shape), label=layer, index=index)
 
     def __repr__(self) -> str:
         c = self.config
         noise = f"sigma={self._sigma}" if self._sigma is not None else f"nsr={c.nsr}"
-        return f"ReleaseMechanism({noise}, clip={c.clip!r})"
+        insecure = "" if self.secure else ", INSECURE noise"
+        return f"ReleaseMechanism({noise}, clip={c.clip!r}{insecure})"
+
+
+def _default_rng(seed: int | None) -> SecureGenerator:
+    if seed is None:
+        return SecureGenerator()
+    return SecureGenerator(insecure_seed=seed)
+
+
+def _warn_torch_generator() -> None:
+    warnings.warn(
+        "DP noise from a torch.Generator is insecure (seeds alias modulo 2^32, the stream is predictable): "
+        "experiments only; leave generator=None for the secure default",
+        InsecureNoiseWarning,
+        stacklevel=3,
+    )
