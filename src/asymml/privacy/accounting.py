@@ -22,6 +22,11 @@ per step compose, and ``T`` steps compose.
 * **Caveat.**  With an adaptive clip (``clip="auto"``) the bound is data dependent and not privatised; the
   epsilon then is a heuristic figure, not a guarantee.
 
+**One place** (issue 8 item 4): :func:`plan_sigma` plans the noise multiplier of a run and
+:class:`PrivacyLedger` counts what each step released -- activation residuals, gradient residuals and the
+DP-SGD update (one more Gaussian per step, with its own multiplier and clip) -- in one Opacus accountant.
+Training and the privacy report both use them.
+
 The PRV accountant is only practical for moderate epsilon: when RDP already certifies no useful privacy
 (epsilon above :data:`PRV_MAX_RDP_EPSILON`), or PRV fails numerically, the (valid, looser) RDP bound is
 returned and :meth:`PrivacyLedgerAccountant.describe` says so.
@@ -39,6 +44,9 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 __all__ = [
+    "PrivacyLedger",
+    "plan_sigma",
+    "RELEASE_KINDS",
     "PrivacyLedgerAccountant",
     "epsilon_for",
     "solve_sigma",
@@ -386,3 +394,226 @@ def solve_sigma(
         else:
             lo = mid
     return hi
+
+
+# --------------------------------------------------------------------------- one ledger for a whole run
+
+RELEASE_KINDS = ("activations", "gradients", "updates")
+"""What a step can release to the accelerator through a Gaussian mechanism (the ``covers`` vocabulary,
+with ``"sampling"`` added when Poisson subsampling amplification is used)."""
+
+
+def _check_sigmas(kind: str, sigmas: Iterable[float]) -> list[float]:
+    out = []
+    for s in sigmas:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s >= 0) or math.isinf(s):
+            raise ValueError(f"{kind}: noise multipliers must be finite numbers >= 0 (got {s!r})")
+        out.append(float(s))
+    return out
+
+
+def plan_sigma(
+    epsilon: float,
+    delta: float,
+    *,
+    steps: int,
+    releases_per_step: int,
+    sample_rate: float = 1.0,
+    poisson: bool = False,
+    accountant: str = "rdp",
+    updates_per_step: int = 0,
+    update_sigma: float | None = None,
+    adjacency: str = "zero-out",
+) -> float:
+    """Per-release noise multiplier sigma that makes a run cost ``(epsilon, delta)``.
+
+    Each step releases ``releases_per_step`` Gaussian mechanisms (activation and gradient residuals, each
+    with sensitivity = its clip) and ``updates_per_step`` DP-SGD update mechanisms (sensitivity = the
+    update clip).  With ``update_sigma=None`` every mechanism gets the returned sigma (they compose to
+    ``sigma / sqrt(releases + updates)`` per step); with ``update_sigma`` fixed, the releases' sigma is
+    solved for what the updates leave of the budget.  ``poisson=True`` (amplification by
+    ``sample_rate``) is only sound when batch membership comes from a secure generator
+    (:func:`~asymml.privacy.secure_rng.poisson_batches`).  Raises ``ValueError`` when unreachable.
+    """
+    k = _check_count("releases_per_step", releases_per_step, 0)
+    u = _check_count("updates_per_step", updates_per_step, 0)
+    if k + u == 0:
+        raise ValueError("nothing is released per step: no noise to plan (releases_per_step + updates_per_step = 0)")
+    if update_sigma is None:
+        return solve_sigma(target_epsilon=epsilon, delta=delta, releases_per_step=k + u, steps=steps,
+                           sample_rate=sample_rate, poisson=poisson, mechanism=accountant, adjacency=adjacency)
+    _check_sigmas("update_sigma", [update_sigma])
+    if k == 0:
+        raise ValueError("update_sigma is fixed and there are no other releases: nothing to solve")
+    s_eff = solve_sigma(target_epsilon=epsilon, delta=delta, releases_per_step=1, steps=steps,
+                        sample_rate=sample_rate, poisson=poisson, mechanism=accountant, adjacency=adjacency)
+    left = 1.0 / s_eff**2 - (u / update_sigma**2 if update_sigma > 0 else math.inf)
+    if not left > 0:
+        raise ValueError(
+            f"the updates alone (update_sigma={update_sigma}, {u} per step) spend more than epsilon={epsilon}: "
+            f"raise update_sigma above {s_eff * math.sqrt(u):.4g} or the target epsilon"
+        )
+    return math.sqrt(k / left)
+
+
+@dataclass
+class _LedgerGroup:
+    counts: dict[str, int]
+    sigmas: dict[str, list[float]]
+    sample_rate: float
+    amplified: bool
+    steps: int
+
+    def same_as(self, other: _LedgerGroup) -> bool:
+        return (self.counts, self.sigmas, self.sample_rate, self.amplified) == (
+            other.counts, other.sigmas, other.sample_rate, other.amplified)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The one Gaussian the step's mechanisms compose to (``inf``: nothing released)."""
+        return combine_noise_multipliers(s for v in self.sigmas.values() for s in v)
+
+
+class PrivacyLedger:
+    """One accountant for everything that leaves the trusted context, step by step.
+
+    Each :meth:`step` records the Gaussian mechanisms one (sampled) sample went through in a training
+    step -- ``activations`` and ``gradients`` (noise multipliers of the released residuals) and
+    ``updates`` (the DP-SGD update mechanism's multiplier, sensitivity = its own clip) -- and composes them
+    exactly into one Gaussian per step (:func:`combine_noise_multipliers`), handed to Opacus' RDP or PRV
+    accountant.  Subsampling amplification by ``sample_rate`` is used only when ``sampled_by`` is a
+    *secure* sampler or generator (OS key, :mod:`asymml.privacy.secure_rng`): predictable batch
+    membership gives no amplification.  ``unnoised`` counts private releases without noise: epsilon is
+    then infinite.
+    """
+
+    def __init__(self, accountant: str = "rdp", *, adjacency: str = "zero-out", eps_error: float = 0.01) -> None:
+        self.accountant = _check_mechanism(accountant)
+        self.adjacency = _check_adjacency(adjacency)
+        if not eps_error > 0:
+            raise ValueError(f"eps_error must be > 0 (got {eps_error!r})")
+        self.eps_error = float(eps_error)
+        self._groups: list[_LedgerGroup] = []
+        self.unnoised = 0
+        self._last_method: str | None = None
+
+    def step(
+        self,
+        sample_rate: float = 1.0,
+        *,
+        activations: Iterable[float] = (),
+        gradients: Iterable[float] = (),
+        updates: Iterable[float] = (),
+        sampled_by: Any = None,
+        unnoised: int = 0,
+        steps: int = 1,
+    ) -> None:
+        """Record ``steps`` identical steps (multipliers per mechanism, one entry per release)."""
+        sig = {"activations": _check_sigmas("activations", activations),
+               "gradients": _check_sigmas("gradients", gradients),
+               "updates": _check_sigmas("updates", updates)}
+        steps = _check_count("steps", steps, 0)
+        self.unnoised += _check_count("unnoised", unnoised, 0) * steps
+        if isinstance(sample_rate, bool) or not (0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1] (got {sample_rate!r})")
+        amplified = bool(sample_rate < 1.0 and sampled_by is not None and getattr(sampled_by, "secure", False))
+        if steps == 0:
+            return
+        group = _LedgerGroup(counts={k: len(v) for k, v in sig.items()}, sigmas=sig, sample_rate=float(sample_rate),
+                             amplified=amplified, steps=steps)
+        if self._groups and self._groups[-1].same_as(group):
+            self._groups[-1].steps += steps
+        else:
+            self._groups.append(group)
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded."""
+        return sum(g.steps for g in self._groups)
+
+    def releases(self) -> dict[str, int]:
+        """Noised mechanisms one always-sampled sample went through, per kind."""
+        return {k: sum(g.steps * g.counts[k] for g in self._groups) for k in RELEASE_KINDS}
+
+    @property
+    def covers(self) -> list[str]:
+        """What the epsilon accounts for: the kinds released with noise, and ``"sampling"`` if amplified."""
+        rel = self.releases()
+        out = [k for k in RELEASE_KINDS if rel[k]]
+        if self._groups and all(g.amplified for g in self._groups):
+            out.append("sampling")
+        return out
+
+    def _accountant(self) -> PrivacyLedgerAccountant:
+        acc = PrivacyLedgerAccountant(self.accountant, adjacency=self.adjacency, eps_error=self.eps_error)
+        for g in self._groups:
+            s = g.noise_multiplier
+            if math.isinf(s):
+                continue
+            acc.step(noise_multiplier=s, releases=1, sample_rate=g.sample_rate, poisson=g.amplified, steps=g.steps)
+        return acc
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (``inf`` if some private release had no noise)."""
+        _check_delta(delta)
+        if self.unnoised:
+            self._last_method = self.accountant
+            return math.inf
+        acc = self._accountant()
+        eps = acc.get_epsilon(delta)
+        self._last_method = acc.describe()["epsilon_method"]
+        return eps
+
+    def notes(self) -> list[str]:
+        """Plain-language caveats about what the epsilon does and does not cover."""
+        out = []
+        if self.unnoised:
+            out.append(f"{self.unnoised} private releases had no noise: epsilon is infinite")
+        if "updates" not in self.covers:
+            out.append("the weight updates are not noised (no DP-SGD): the accelerator sees them, epsilon does "
+                       "not cover them")
+        if any(g.sample_rate < 1.0 and not g.amplified for g in self._groups):
+            out.append("batches were not Poisson-sampled by a secure generator: no subsampling amplification")
+        return out
+
+    def summary(self, delta: float) -> dict[str, Any]:
+        """``{"epsilon", "delta", "covers", "notes"}`` (``epsilon`` None when infinite or nothing is
+        covered but the releases: a run whose updates are not noised has no valid epsilon)."""
+        eps = self.epsilon(delta)
+        valid = math.isfinite(eps) and "updates" in self.covers
+        return {"epsilon": eps if valid else None, "delta": float(delta), "covers": self.covers,
+                "notes": self.notes(), "epsilon_releases_only": eps if math.isfinite(eps) else None}
+
+    def describe(self) -> dict[str, Any]:
+        """What is composed, group by group."""
+        return {
+            "accountant": self.accountant,
+            "epsilon_method": self._last_method,
+            "adjacency": self.adjacency,
+            "steps": self.steps,
+            "releases": self.releases(),
+            "unnoised": self.unnoised,
+            "covers": self.covers,
+            "groups": [{**asdict(g), "noise_multiplier_per_step": g.noise_multiplier} for g in self._groups],
+            "composition": "per step, every Gaussian mechanism a sample went through (activation and gradient "
+                           "residuals, the DP-SGD update) composes exactly to one Gaussian with multiplier "
+                           "(sum sigma_i^-2)^-1/2; steps compose, amplified by sample_rate only under Poisson "
+                           "sampling from a secure generator",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serialisable state (for checkpoints)."""
+        return {"accountant": self.accountant, "adjacency": self.adjacency, "eps_error": self.eps_error,
+                "unnoised": self.unnoised, "groups": [asdict(g) for g in self._groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.accountant = _check_mechanism(state["accountant"])
+        self.adjacency = _check_adjacency(state.get("adjacency", "zero-out"))
+        self.eps_error = float(state.get("eps_error", self.eps_error))
+        self.unnoised = int(state.get("unnoised", 0))
+        self._groups = [_LedgerGroup(**g) for g in state["groups"]]
+        self._last_method = None
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger(accountant={self.accountant!r}, steps={self.steps}, covers={self.covers})"
