@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .secure_rng import InsecureNoiseWarning, SecureGenerator
+from .secure_rng import HARDENING_DRAWS, InsecureNoiseWarning, SecureGenerator
 
 __all__ = ["NoiseConfig", "ReleaseMechanism", "clip_per_sample", "per_sample_norms", "parse_clip"]
 
@@ -311,6 +311,13 @@ class ReleaseMechanism:
     def secure(self) -> bool:
         """True when the noise comes from an OS-keyed generator (no insecure seed, no torch generator)."""
         return self._torch_generator is None and self._rng.secure
+
+    def generator_info(self) -> dict[str, Any]:
+        """What draws the noise: ``{"generator", "key_bits", "secure", "hardening_draws"}`` (never the key)."""
+        if self._torch_generator is not None:
+            return {"generator": "torch.Generator (INSECURE)", "key_bits": 32, "secure": False, "hardening_draws": 1}
+        return {"generator": "chacha20", "key_bits": self._rng.key_bits, "secure": self._rng.secure,
+                "hardening_draws": HARDENING_DRAWS}
 
     def set_insecure_seed(self, seed: int | None) -> None:
         """**INSECURE**: key the noise by ``seed`` (reproducible experiments only; warns).  ``None``: a fresh
