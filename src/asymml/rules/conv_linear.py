@@ -164,7 +164,7 @@ class Conv2dRule(WeightedRule):
                 Wf = torch.einsum("bgoj,gocxy->bjgcxy", P, Wv).reshape(B * r, C, *m.kernel_size)
                 gx = self._conv_t(m, Wf, d.Vmaps.reshape(1, B * r, ho, wo), (1, B * C, H, W), B)
                 return [gx.view(B, C, H, W)]
-            d = d.dense()
+        d = dense(d)  # a low-rank gradient whose fold is not cheaper (either basis) goes dense
         return [conv2d_input(shapes[0], m.weight, d, stride=m.stride, padding=m.padding,
                              dilation=m.dilation, groups=m.groups)]
 
