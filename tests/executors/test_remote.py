@@ -22,6 +22,7 @@ from conftest import compare_with_reference
 import asymml
 from asymml.enclave import TEMPLATE, ManifestError, check_manifest
 from asymml.executors.remote import (
+    PROTOCOL_VERSION,
     AcceleratorConnectionError,
     RemoteExecutor,
     decode_message,
@@ -38,7 +39,8 @@ def _serve_argv(listen: str) -> list[str]:
     from asymml.cli.main import SUBCOMMANDS
 
     entry = ["-m", "asymml.cli.main", "serve"] if "serve" in SUBCOMMANDS else ["-m", "asymml.cli.serve"]
-    return [sys.executable, *entry, "--listen", listen, "--device", "cpu", "--threads", "1", "--log-level", "warning"]
+    return [sys.executable, *entry, "--listen", listen, "--device", "cpu", "--threads", "1", "--log-level", "warning",
+            "--insecure"]
 
 
 class Server:
@@ -230,7 +232,7 @@ def test_malformed_messages_get_error_replies(unix_server):
                       "tensors": [{"dtype": "float32", "shape": [1000], "offset": 0, "nbytes": 4000}]}).encode()
     s.sendall(struct.pack("!4sIQ", b"AML1", len(hdr), 16) + hdr + bytes(16))  # claims 4000 bytes, has 16
     assert "outside the payload" in decode_message(*read_frame(s))["error"]
-    assert _ask(s, {"id": 5, "op": "hello", "version": 1})["ok"] is True  # the connection survived all that
+    assert _ask(s, {"id": 5, "op": "hello", "version": PROTOCOL_VERSION})["ok"] is True  # the connection survived all that
     s.close()
 
     s = _raw(unix_server.address)  # a broken frame: answered once, then the connection is closed
@@ -265,7 +267,7 @@ def test_in_process_server_shutdown(tmp_path):
     from asymml.executors.server import AcceleratorServer
 
     path = tmp_path / "inproc.sock"
-    server = AcceleratorServer(f"unix://{path}", "cpu")
+    server = AcceleratorServer(f"unix://{path}", "cpu", insecure=True)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     ex = RemoteExecutor(server.address)
@@ -277,7 +279,7 @@ def test_in_process_server_shutdown(tmp_path):
     assert not t.is_alive() and not path.exists()
     with pytest.raises(OSError, match="not a socket"):
         path.write_text("x")
-        AcceleratorServer(f"unix://{path}", "cpu")
+        AcceleratorServer(f"unix://{path}", "cpu", insecure=True)
 
 
 # ------------------------------------------------------------------------------------------ Gramine manifest

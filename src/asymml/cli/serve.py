@@ -13,15 +13,18 @@ import signal
 import sys
 
 EPILOG = """examples:
-  asymml serve                                         # tcp://127.0.0.1:7777, GPU if there is one
-  asymml serve --listen tcp://0.0.0.0:7777 --device cuda   # reachable from other hosts (see SECURITY below)
-  asymml serve --listen unix:///tmp/asymml.sock        # same host, lowest latency (not from inside Gramine)
-  asymml serve --listen tcp://127.0.0.1:0              # any free port; the chosen address is printed
+  asymml certs --out pki                               # a test CA + server/client key pairs
+  asymml serve --listen tcp://0.0.0.0:7777 --device cuda \
+      --tls-cert pki/server.pem --tls-key pki/server.key --tls-ca pki/ca.pem   # mutual TLS
+  asymml serve --insecure                              # tcp://127.0.0.1:7777, no TLS (loopback only)
+  asymml serve --insecure --listen unix:///tmp/asymml.sock   # same host, lowest latency
+  asymml serve --insecure --listen tcp://127.0.0.1:0   # any free port; the chosen address is printed
 
 The first line on stdout is "asymml serve: listening on ADDRESS (device DEV)". SIGINT/SIGTERM stop the server.
 Sharing CPU cores with the client? Start both with OMP_WAIT_POLICY=passive (idle OpenMP threads otherwise spin).
-SECURITY: the connection is neither encrypted nor authenticated; everything on it is, by design, what the
-accelerator may see (public weights, residuals). Bind to 0.0.0.0 only on a trusted network or behind a tunnel."""
+SECURITY: with --tls-* both ends authenticate with certificates from the same CA and the link is encrypted;
+unauthenticated peers are refused. Without TLS the server needs --insecure and only listens on loopback or a
+Unix socket. Clients verify every result (Freivalds checks) whatever the link."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-message-mib", type=int, default=16384, help="largest accepted message (default: %(default)s)")
+    p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signs the clients' certificates")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without TLS (no authentication, no encryption); loopback/Unix sockets only")
+    p.add_argument("--max-connections", type=int, default=16, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0,
+                   help="close a connection idle this many seconds (default: %(default)s; 0 = never)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -54,8 +65,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.max_message_mib < 1:
         raise ConfigError(f"--max-message-mib must be positive, got {args.max_message_mib}")
+    from ..executors.tls import TLSConfig
+
+    tls = TLSConfig.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is not None and args.insecure:
+        raise ConfigError("--insecure contradicts --tls-cert/--tls-key/--tls-ca; pass one or the other")
+    if args.idle_timeout < 0:
+        raise ConfigError(f"--idle-timeout must be >= 0, got {args.idle_timeout}")
+    if tls is None:
+        print("asymml serve: WARNING: serving WITHOUT TLS (--insecure): clients are not authenticated and "
+              "traffic is not encrypted", file=sys.stderr, flush=True)
     try:
-        server = AcceleratorServer(args.listen, args.device, max_payload=args.max_message_mib << 20)
+        server = AcceleratorServer(args.listen, args.device, max_payload=args.max_message_mib << 20, tls=tls,
+                                   insecure=args.insecure, max_connections=args.max_connections,
+                                   idle_timeout=args.idle_timeout or None)
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.listen}: {e.strerror or e}") from None
 
@@ -65,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"asymml serve: listening on {server.address} (device {server.device})", flush=True)
+    print(f"asymml serve: listening on {server.address} (device {server.device}, "
+          f"{'insecure' if tls is None else 'mutual TLS'})", flush=True)
     server.serve_forever()
     return 0
 

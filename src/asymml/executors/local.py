@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..ledger import Ledger
 from .base import BackwardRequest, Executor, Handle
 from .ops import Instr, run_program
+from .verify import Verifier, wrap_future
 
 
 class _State:
@@ -38,7 +39,7 @@ class _State:
 class LocalExecutor(Executor):
     """Accelerator = ``device`` in this process (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``)."""
 
-    def __init__(self, device: str | torch.device = "cpu", *, audit: bool = False) -> None:
+    def __init__(self, device: str | torch.device = "cpu", *, audit: bool = False, verify: bool = False) -> None:
         if isinstance(device, str) and device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -60,8 +61,27 @@ class LocalExecutor(Executor):
         self._weight_versions: dict[int, tuple[int, Tensor, Any]] = {}
         self._profiling = False
         self._stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.verifier: Verifier | None = None
+        self.verify = verify
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def verify(self) -> bool:
+        """Check every result (see :mod:`asymml.executors.verify`); off by default in-process."""
+        return self.verifier is not None
+
+    @verify.setter
+    def verify(self, on: bool) -> None:
+        if on and self.verifier is None:
+            self.verifier = Verifier(device_type=self.device.type)
+        elif not on:
+            self.verifier = None
+
+    def forget_weight(self, t: Tensor) -> None:
+        """Drop the cached device copy of weight ``t`` (a caller that frees the tensor may call this so a
+        later tensor reusing its ``id`` is never mistaken for it)."""
+        self._weight_versions.pop(id(t), None)
+
     @property
     def audit(self) -> bool:
         return self.ledger.audit
@@ -123,12 +143,18 @@ class LocalExecutor(Executor):
         dev = self._to_dev(tensor.detach())
         with self._lock:
             self._store[hid] = dev
+        v = self.verifier
+        if v is not None:
+            v.release(hid, tensor)
         return Handle(hid, tuple(tensor.shape))
 
     def discard(self, handles: list[Handle]) -> None:
         with self._lock:
             for h in handles:
                 self._store.pop(h.id, None)
+        v = self.verifier
+        if v is not None:
+            v.discard([h.id for h in handles])
 
     def forward(
         self,
@@ -159,7 +185,13 @@ class LocalExecutor(Executor):
                     run_program(program, env, weights)
             return {o: self._home(env.get(o)) for o in outputs}
 
-        return self._pool.submit(self._timed(layer, "forward", work))
+        fut = self._pool.submit(self._timed(layer, "forward", work))
+        v = self.verifier
+        if v is None:
+            return fut
+        hids = {n: h.id for n, h in inputs.items()}
+        return wrap_future(fut, lambda res: v.check_forward(key, program, hids, params, outputs, res, layer=layer,
+                                                             keep_graph=keep_graph))
 
     def backward(self, key: int, request: BackwardRequest) -> Future[dict[str, dict[str, Tensor | None]]]:
         with self._lock:
@@ -199,10 +231,17 @@ class LocalExecutor(Executor):
                 res["values"][n] = self._home(st.env.get(n))
             return res
 
-        return self._pool.submit(self._timed(layer, "backward", work))
+        fut = self._pool.submit(self._timed(layer, "backward", work))
+        v = self.verifier
+        if v is None:
+            return fut
+        return wrap_future(fut, lambda res: v.check_backward(key, request, res))
 
     def free(self, key: int) -> None:
         self._states.pop(key, None)
+        v = self.verifier
+        if v is not None:
+            v.free(key)
 
     def run_module(self, module: torch.nn.Module, inputs: tuple[Any, ...], *, layer: str = "model") -> Any:
         """``plain`` mode: the whole model on the accelerator (inputs and weights released)."""

@@ -2,19 +2,17 @@
 
 The trusted program (inside an SGX enclave at level 2, or any process) talks to an accelerator server
 (:mod:`asymml.executors.server`, ``asymml serve``) over TCP (``tcp://host:port``) or a Unix-domain socket
-(``unix:///path``). Everything crosses *by value* and as data only:
+(``unix:///path``), with mutual TLS (:mod:`asymml.executors.tls`) unless both ends are on this host and the
+caller accepts an unauthenticated link. Everything crosses *by value* and as data only (see
+:mod:`asymml.executors.wire` for the format). Requests carry an ``id``; the server answers
+``{"id", "ok": true, "result"}`` or ``{"id", "ok": false, "error", "type"}``; ``release``, ``discard``,
+``free`` and the like are not answered unless they fail.
 
-* tensors as raw bytes with a ``dtype`` / ``shape`` header (never pickle);
-* programs (:class:`~asymml.executors.ops.Instr` lists) and every other field as JSON.
-
-Wire format of one message (both directions)::
-
-    b"AML1" | u32 header length | u64 payload length | header (UTF-8 JSON) | payload (tensor bytes)
-
-The header is ``{"msg": ..., "tensors": [{"dtype", "shape", "offset", "nbytes"}, ...]}``; inside ``msg`` a
-tensor is ``{"$t": index}``, a tuple ``{"$tuple": [...]}`` and a dtype ``{"$dtype": name}``. Requests carry an
-``id``; the server answers ``{"id", "ok": true, "result"}`` or ``{"id", "ok": false, "error", "type"}``.
-``release``, ``discard``, ``free`` and the like are not answered unless they fail.
+The server is untrusted: every reply is bounded before it is read (the client knows the shapes it expects,
+so a reply may not claim more bytes than those), must arrive before the request's deadline, must answer a
+request that is pending (anything else is a protocol error that ends the connection), and, with ``verify``
+(the default), is checked by :class:`~asymml.executors.verify.Verifier` before it is handed to the caller.
+Any failure of the reader fails every pending request at once.
 
 The client ledger records exactly what :class:`~asymml.executors.local.LocalExecutor` records: every
 release, and a weight whenever its value (tensor identity, version, shape) changed since it was last sent.
@@ -25,17 +23,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import queue
-import select
-import socket
-import struct
+import ssl
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
@@ -44,317 +39,47 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import AcceleratorConnectionError, ConfigError, ProtocolError, RemoteError
+from ..errors import AcceleratorConnectionError, ConfigError, IntegrityError, ProtocolError, RemoteError
 from ..ledger import Ledger
+from .addresses import Address, connect, is_address, parse_address
 from .base import BackwardRequest, Executor, Handle
 from .ops import Instr
+from .tls import TLSConfig
+from .verify import Verifier
+from .wire import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_HEADER_BYTES,
+    ONE_WAY,
+    PROTOCOL_VERSION,
+    Transport,
+    _Keep,
+    decode_body,
+    decode_message,
+    decode_program,
+    encode_message,
+    encode_program,
+    parse_header,
+    payload_size,
+    read_frame,
+    read_prefix,
+    recv_exact,
+    send_buffers,
+)
+
+__all__ = [
+    "RemoteExecutor", "make_executor", "Address", "parse_address", "connect", "encode_message", "decode_message",
+    "read_frame", "send_buffers", "encode_program", "decode_program", "AcceleratorConnectionError",
+    "DEFAULT_MAX_PAYLOAD_BYTES", "MAX_HEADER_BYTES", "ONE_WAY", "PROTOCOL_VERSION", "ProtocolError",
+]
 
 log = logging.getLogger("asymml.remote")
 
-PROTOCOL_VERSION = 1
-MAGIC = b"AML1"
-_PREFIX = struct.Struct("!4sIQ")
-MAX_HEADER_BYTES = 64 << 20
-DEFAULT_MAX_PAYLOAD_BYTES = 16 << 30
-_ALIGN = 64
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-    "uint8": torch.uint8, "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
-
-# operations the client sends without waiting for an answer (the server only answers them on error)
-ONE_WAY = frozenset({"release", "discard", "free", "drop_weights", "reset_stats", "set_profiling", "bye"})
+#: replies carry results, not programs: their headers are small
+MAX_REPLY_HEADER_BYTES = 256 << 10
+_ERROR_REPLY_BYTES = 1 << 16
+_SLACK = 4096
 
 
-# ---------------------------------------------------------------------------------------------- addresses
-@dataclass(frozen=True)
-class Address:
-    """A parsed ``tcp://host:port`` or ``unix:///path`` address."""
-
-    scheme: str
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
-
-
-def parse_address(address: str) -> Address:
-    """Parse ``tcp://host:port`` (``[v6addr]`` allowed) or ``unix:///absolute/or/relative/path``."""
-    if not isinstance(address, str):
-        raise ConfigError(f"accelerator address must be a string, got {type(address).__name__}")
-    if address.startswith("unix://"):
-        path = address[len("unix://"):]
-        if not path:
-            raise ConfigError(f"invalid address {address!r}: empty socket path (use unix:///tmp/asymml.sock)")
-        return Address("unix", path=path)
-    if address.startswith("tcp://"):
-        rest = address[len("tcp://"):].rstrip("/")
-        if rest.startswith("["):
-            host, sep, port_s = rest[1:].partition("]:")
-        else:
-            host, sep, port_s = rest.rpartition(":")
-        if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ConfigError(f"invalid address {address!r}: expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:7777)")
-        return Address("tcp", host=host, port=int(port_s))
-    raise ConfigError(f"invalid accelerator address {address!r}: use tcp://HOST:PORT or unix:///PATH")
-
-
-def _tune(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:  # pragma: no cover - capped by the OS
-            pass
-
-
-def connect(address: str | Address, timeout: float | None = 10.0) -> socket.socket:
-    """Open a connected, tuned socket to ``address``."""
-    addr = parse_address(address) if isinstance(address, str) else address
-    try:
-        if addr.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(addr.path)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
-    except OSError as e:
-        raise AcceleratorConnectionError(
-            f"cannot connect to the accelerator server at {addr}: {e.strerror or e} "
-            f"(is `asymml serve --listen {addr}` running?)"
-        ) from None
-    _tune(sock)
-    return sock
-
-
-# ---------------------------------------------------------------------------------------------- encoding
-def _encode_value(obj: Any, tensors: list[Tensor]) -> Any:
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, Tensor):
-        tensors.append(obj)
-        return {"$t": len(tensors) - 1}
-    if isinstance(obj, tuple):  # includes torch.Size
-        return {"$tuple": [_encode_value(v, tensors) for v in obj]}
-    if isinstance(obj, list):
-        return [_encode_value(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str) or k.startswith("$"):
-                raise TypeError(f"cannot send dict key {k!r} (keys must be strings not starting with '$')")
-            out[k] = _encode_value(v, tensors)
-        return out
-    if isinstance(obj, torch.dtype):
-        if obj not in _DTYPE_NAMES:
-            raise TypeError(f"cannot send dtype {obj}")
-        return {"$dtype": _DTYPE_NAMES[obj]}
-    raise TypeError(f"cannot send a {type(obj).__name__} to the accelerator (only data: tensors, numbers, strings)")
-
-
-def _tensor_bytes(t: Tensor, copy: bool) -> tuple[Tensor, memoryview]:
-    t = t.detach()
-    if t.dtype not in _DTYPE_NAMES:
-        raise TypeError(f"cannot send a tensor of dtype {t.dtype}")
-    t = t.to("cpu", copy=True).contiguous() if copy else t.cpu().contiguous()
-    if t.numel() == 0:
-        return t, memoryview(b"")
-    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def encode_message(msg: dict[str, Any], *, copy: bool = True) -> list[bytes | memoryview]:
-    """Serialize ``msg`` into the buffers of one frame. ``copy`` snapshots tensors (safe to send later)."""
-    tensors: list[Tensor] = []
-    body = _encode_value(msg, tensors)
-    descs, bufs, keep = [], [], []
-    offset = 0
-    for t in tensors:
-        held, mv = _tensor_bytes(t, copy)
-        keep.append(held)
-        pad = (-offset) % _ALIGN
-        if pad:
-            bufs.append(bytes(pad))
-            offset += pad
-        descs.append({"dtype": _DTYPE_NAMES[held.dtype], "shape": list(held.shape), "offset": offset, "nbytes": mv.nbytes})
-        if mv.nbytes:
-            bufs.append(mv)
-        offset += mv.nbytes
-    header = json.dumps({"msg": body, "tensors": descs}, separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER_BYTES:
-        raise ValueError(f"message header too large ({len(header)} bytes)")
-    # ``keep`` must outlive the memoryviews: they point into these tensors' storage
-    return [_PREFIX.pack(MAGIC, len(header), offset) + header, *bufs, _Keep(keep)]
-
-
-class _Keep:
-    """Keeps tensors alive alongside the buffers that view them (skipped when sending)."""
-
-    __slots__ = ("tensors",)
-
-    def __init__(self, tensors: list[Tensor]) -> None:
-        self.tensors = tensors
-
-
-def send_buffers(sock: socket.socket, bufs: Iterable[Any]) -> None:
-    """Send one encoded frame; small pieces are coalesced into one write."""
-    small: list[bytes | memoryview] = []
-    size = 0
-    for b in bufs:
-        if isinstance(b, _Keep):
-            continue
-        n = len(b) if isinstance(b, bytes) else b.nbytes
-        if n < 65536:
-            small.append(b)
-            size += n
-            continue
-        if small:
-            sock.sendall(b"".join(small))
-            small, size = [], 0
-        sock.sendall(b)
-    if small:
-        sock.sendall(b"".join(small))
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("connection closed by peer")
-        got += k
-    return buf
-
-
-def read_frame(sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tuple[bytes, bytearray]:
-    """Read one frame; returns (header bytes, payload). Raises :class:`ProtocolError` when framing is broken
-    (the stream cannot be resynchronized) and ``ConnectionError`` at end of stream."""
-    magic, hlen, plen = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
-    if magic != MAGIC:
-        raise ProtocolError(f"bad frame magic {magic!r} (expected {MAGIC!r}): not an asymml client/server")
-    if hlen > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {hlen} bytes exceeds the limit of {MAX_HEADER_BYTES}")
-    if plen > max_payload:
-        raise ProtocolError(f"payload of {plen} bytes exceeds the limit of {max_payload}")
-    header = bytes(_recv_exact(sock, hlen))
-    payload = _recv_exact(sock, plen) if plen else bytearray()
-    return header, payload
-
-
-def _decode_tensor(desc: Any, payload: bytearray) -> Tensor:
-    if not isinstance(desc, dict) or set(desc) != {"dtype", "shape", "offset", "nbytes"}:
-        raise ProtocolError(f"bad tensor descriptor {desc!r}")
-    dtype = DTYPES.get(desc["dtype"]) if isinstance(desc["dtype"], str) else None
-    shape, offset, nbytes = desc["shape"], desc["offset"], desc["nbytes"]
-    if dtype is None:
-        raise ProtocolError(f"unsupported tensor dtype {desc['dtype']!r}")
-    if not isinstance(shape, list) or len(shape) > 16 or not all(type(s) is int and s >= 0 for s in shape):
-        raise ProtocolError(f"bad tensor shape {shape!r}")
-    if type(offset) is not int or type(nbytes) is not int or offset < 0 or offset + nbytes > len(payload):
-        raise ProtocolError(f"tensor bytes [{offset}, {offset}+{nbytes}) outside the payload of {len(payload)} bytes")
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = _ITEMSIZE[dtype]
-    if numel * itemsize != nbytes:
-        raise ProtocolError(f"tensor of shape {shape} and dtype {desc['dtype']} needs {numel * itemsize} bytes, got {nbytes}")
-    if offset % itemsize:
-        raise ProtocolError(f"misaligned tensor offset {offset}")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(payload, dtype=dtype, count=numel, offset=offset).reshape(shape)
-
-
-def _decode_value(obj: Any, tensors: list[Tensor], depth: int = 0) -> Any:
-    if depth > 64:
-        raise ProtocolError("message nested too deeply")
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, list):
-        return [_decode_value(v, tensors, depth + 1) for v in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            (k, v), = obj.items()
-            if k == "$t":
-                if type(v) is not int or not 0 <= v < len(tensors):
-                    raise ProtocolError(f"bad tensor reference {v!r}")
-                return tensors[v]
-            if k == "$tuple":
-                if not isinstance(v, list):
-                    raise ProtocolError("bad tuple encoding")
-                return tuple(_decode_value(x, tensors, depth + 1) for x in v)
-            if k == "$dtype":
-                if v not in DTYPES:
-                    raise ProtocolError(f"unsupported dtype {v!r}")
-                return DTYPES[v]
-        out = {}
-        for k, v in obj.items():
-            if k.startswith("$"):
-                raise ProtocolError(f"unknown tagged value {k!r}")
-            out[k] = _decode_value(v, tensors, depth + 1)
-        return out
-    raise ProtocolError(f"unexpected JSON value of type {type(obj).__name__}")
-
-
-def decode_message(header: bytes, payload: bytearray) -> dict[str, Any]:
-    """Turn a frame back into a message dict (tensors share ``payload``'s memory). Raises :class:`ProtocolError`."""
-    try:
-        doc = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"message header is not valid UTF-8 JSON: {e}") from None
-    except RecursionError:
-        raise ProtocolError("message header nested too deeply") from None
-    if not isinstance(doc, dict) or set(doc) != {"msg", "tensors"} or not isinstance(doc["tensors"], list):
-        raise ProtocolError("message header must be an object with exactly 'msg' and 'tensors'")
-    tensors = [_decode_tensor(d, payload) for d in doc["tensors"]]
-    msg = _decode_value(doc["msg"], tensors)
-    if not isinstance(msg, dict):
-        raise ProtocolError("message body must be an object")
-    return msg
-
-
-def encode_program(program: list[Instr]) -> list[dict[str, Any]]:
-    """A program as plain data."""
-    return [{"out": i.out, "op": i.op, "args": list(i.args), "params": list(i.params), "kw": dict(i.kw)} for i in program]
-
-
-def decode_program(data: Any) -> list[Instr]:
-    """Validate and rebuild a program sent as data (only ops of the accelerator's instruction set)."""
-    from .ops import OPS
-
-    if not isinstance(data, list):
-        raise ProtocolError("program must be a list of instructions")
-    prog = []
-    for d in data:
-        if not isinstance(d, dict) or set(d) != {"out", "op", "args", "params", "kw"}:
-            raise ProtocolError(f"bad instruction {d!r}")
-        if not isinstance(d["out"], str) or d["op"] not in OPS:
-            raise ProtocolError(f"unknown accelerator op {d.get('op')!r} (allowed: {', '.join(sorted(OPS))})")
-        for f in ("args", "params"):
-            if not isinstance(d[f], list) or not all(isinstance(a, str) for a in d[f]):
-                raise ProtocolError(f"instruction {d['out']!r}: {f} must be a list of names")
-        if not isinstance(d["kw"], dict):
-            raise ProtocolError(f"instruction {d['out']!r}: kw must be an object")
-        prog.append(Instr(d["out"], d["op"], tuple(d["args"]), tuple(d["params"]), d["kw"]))
-    return prog
-
-
-# ---------------------------------------------------------------------------------------------- client
 class _Weight:
     __slots__ = ("ref", "version", "shape", "dtype", "wid")
 
@@ -369,6 +94,15 @@ def _weight_died(cache: dict[int, _Weight], dead: deque, key: int, wid: int, _re
     dead.append(wid)
 
 
+@dataclass
+class _Pending:
+    fut: Future
+    decode: Callable[[Any], Any]
+    deadline: float | None
+    max_payload: int
+    op: str
+
+
 _STOP = object()
 
 
@@ -378,20 +112,38 @@ class RemoteExecutor(Executor):
     Args:
         address: the server's address.
         audit: keep a snapshot of every release in ``ledger``.
-        timeout: seconds to wait for an answer while requests are pending before declaring the server
-            dead (``None``: wait forever).
-        connect_timeout: seconds for connecting and the handshake.
+        timeout: overall deadline in seconds for each request, from submission to a complete reply
+            (``None``: wait forever). A server that misses it is declared dead and every pending request fails.
+        connect_timeout: seconds for connecting, the TLS handshake and the protocol handshake.
+        tls_cert, tls_key, tls_ca: this client's certificate and key and the CA that signs the server's
+            certificate (mutual TLS; all three or none).
+        insecure: allow an unauthenticated, unencrypted link to a non-loopback address (refused otherwise).
+        verify: check every result (shape, dtype, finiteness and randomized Freivalds checks); on by default
+            because the accelerator is untrusted. A failed check raises :class:`~asymml.errors.IntegrityError`
+            and closes the connection.
     """
 
     def __init__(self, address: str, *, audit: bool = False, timeout: float | None = 300.0,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None, insecure: bool = False, verify: bool = True) -> None:
         self.address = parse_address(address)
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"request timeout must be positive (or None), got {timeout!r}")
+        tls = TLSConfig.from_options(tls_cert, tls_key, tls_ca)
+        if tls is None and not self.address.is_local and not insecure:
+            raise ConfigError(
+                f"refusing an unauthenticated, unencrypted link to {self.address}: pass tls_cert/tls_key/tls_ca "
+                "(--tls-cert/--tls-key/--tls-ca; `asymml certs --out DIR` makes a test set) or, on a network you "
+                "trust, insecure=True (--insecure)")
+        self.tls = tls
         self.ledger = Ledger(audit)
         self.home = torch.device("cpu")
         self.timeout = timeout
         self._closed: BaseException | None = None
-        self._async_error: RemoteError | None = None
-        self._pending: dict[int, tuple[Future, Callable[[Any], Any]]] = {}
+        self._async_error: BaseException | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._one_way_ids: deque[int] = deque(maxlen=1 << 16)
+        self._one_way_set: set[int] = set()
         self._plock = threading.Lock()
         self._req_ids = itertools.count(1)
         self._hids = itertools.count()
@@ -400,19 +152,37 @@ class RemoteExecutor(Executor):
         self._dead_wids: deque[int] = deque()
         self._programs: dict[int, tuple[list[Instr], int]] = {}
         self._pids = itertools.count()
+        self._fwd_shapes: dict[int, tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], torch.dtype]]]] = {}
+        self._shape_helper = Verifier(rounds=1)  # shape inference (and its cache), whether or not we verify
+        self.verifier: Verifier | None = None
         self._outq: queue.SimpleQueue = queue.SimpleQueue()
-        self._sock = connect(self.address, connect_timeout)
-        self._sock.settimeout(timeout)  # bounds every blocking send/recv; idle waits use select()
+        sock = connect(self.address, connect_timeout)
+        ctx = None
+        if tls is not None:
+            ctx = tls.client_context(check_hostname=self.address.scheme == "tcp")
+        try:
+            self._t = Transport.wrap(sock, ctx, server_side=False,
+                                     server_hostname=self.address.host if self.address.scheme == "tcp" else None,
+                                     deadline=time.monotonic() + connect_timeout)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+            sock.close()
+            raise AcceleratorConnectionError(f"TLS handshake with the accelerator server at {self.address} failed: "
+                                             f"{e}") from None
         self._reader = threading.Thread(target=self._read_loop, name="asymml-remote-rx", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="asymml-remote-tx", daemon=True)
         self._reader.start()
         self._writer.start()
         try:
-            info = self._call({"op": "hello", "version": PROTOCOL_VERSION}).result(timeout=connect_timeout)
+            info = self._call({"op": "hello", "version": PROTOCOL_VERSION}, timeout=connect_timeout).result(
+                timeout=connect_timeout + 1.0)
         except FutureTimeoutError:
             self.close()
             raise AcceleratorConnectionError(f"accelerator server at {self.address} did not answer the handshake "
                                              f"within {connect_timeout}s") from None
+        except AcceleratorConnectionError as e:
+            self.close()
+            raise AcceleratorConnectionError(f"accelerator server at {self.address} did not complete the handshake "
+                                             f"within {connect_timeout}s: {e}") from None
         except BaseException:
             self.close()
             raise
@@ -421,7 +191,8 @@ class RemoteExecutor(Executor):
             self.device = torch.device(info["device"])
         except (KeyError, TypeError, RuntimeError):
             self.close()
-            raise AcceleratorConnectionError(f"bad handshake from {self.address}: {info!r}") from None
+            raise AcceleratorConnectionError(f"bad handshake from {self.address}: {str(info)[:200]}") from None
+        self.verify = verify
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -432,44 +203,69 @@ class RemoteExecutor(Executor):
     def audit(self, on: bool) -> None:
         self.ledger.audit = on
 
+    @property
+    def verify(self) -> bool:
+        """Whether every result is verified (see :mod:`asymml.executors.verify`)."""
+        return self.verifier is not None
+
+    @verify.setter
+    def verify(self, on: bool) -> None:
+        if on and self.verifier is None:
+            self.verifier = Verifier(device_type=self.device.type)
+        elif not on:
+            self.verifier = None
+
     def _check(self) -> None:
         if self._closed is not None:
+            if isinstance(self._closed, IntegrityError):
+                raise IntegrityError(f"accelerator server at {self.address} was disconnected after a failed "
+                                     f"verification: {self._closed}")
             raise AcceleratorConnectionError(f"accelerator server at {self.address} is not reachable: {self._closed}")
         err, self._async_error = self._async_error, None
         if err is not None:
             raise err
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        self._outq.put(encode_message(msg))
-
-    def _call(self, msg: dict[str, Any], decode: Callable[[Any], Any] = lambda r: r) -> Future:
+    def _call(self, msg: dict[str, Any], decode: Callable[[Any], Any] = lambda r: r, *,
+              max_payload: int = 0, timeout: float | None = -1.0) -> Future:
         fut: Future = Future()
         rid = next(self._req_ids)
         msg["id"] = rid
         bufs = encode_message(msg)
+        t = self.timeout if timeout == -1.0 else timeout
+        entry = _Pending(fut, decode, None if t is None else time.monotonic() + t, max_payload + _SLACK, msg["op"])
         with self._plock:
             if self._closed is not None:
                 raise AcceleratorConnectionError(f"accelerator server at {self.address} is not reachable: {self._closed}")
-            self._pending[rid] = (fut, decode)
+            self._pending[rid] = entry
         self._outq.put(bufs)
         return fut
 
-    def _one_way(self, msg: dict[str, Any]) -> None:
-        msg["id"] = next(self._req_ids)
-        self._send(msg)
+    def _one_way(self, msg: dict[str, Any]) -> list[Any]:
+        rid = next(self._req_ids)
+        msg["id"] = rid
+        with self._plock:
+            if len(self._one_way_ids) == self._one_way_ids.maxlen:
+                self._one_way_set.discard(self._one_way_ids[0])
+            self._one_way_ids.append(rid)
+            self._one_way_set.add(rid)
+        bufs = encode_message(msg)
+        self._outq.put(bufs)
+        return bufs
 
     def _fail(self, exc: BaseException) -> None:
+        """Fail every pending request and close: after any error the stream cannot be trusted."""
         with self._plock:
             if self._closed is None:
                 self._closed = exc
             pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(AcceleratorConnectionError(f"accelerator server at {self.address}: {exc}"))
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for p in pending.values():
+            if not p.fut.done():
+                if isinstance(exc, (IntegrityError, ProtocolError)):
+                    err: BaseException = type(exc)(f"accelerator server at {self.address}: {exc}")
+                else:
+                    err = AcceleratorConnectionError(f"accelerator server at {self.address}: {exc}")
+                p.fut.set_exception(err)
+        self._t.shutdown()
         self._outq.put(_STOP)
 
     def _write_loop(self) -> None:
@@ -480,59 +276,76 @@ class RemoteExecutor(Executor):
             if self._closed is not None:
                 continue
             try:
-                send_buffers(self._sock, bufs)
-            except OSError as e:
-                self._fail(ConnectionError(f"connection lost while sending ({e.strerror or e})"))
+                send_buffers(self._t, bufs)
+            except (OSError, ssl.SSLError) as e:
+                self._fail(ConnectionError(f"connection lost while sending ({getattr(e, 'strerror', None) or e})"))
 
-    def _wait_readable(self) -> bool:
-        """Block until data arrives; False when the server stayed silent for ``timeout`` with requests pending."""
-        last = time.monotonic()
-        while True:
-            if self._closed is not None:
-                return True  # the read will fail and end the loop
-            r, _, _ = select.select([self._sock], [], [], 1.0)
-            if r:
-                return True
-            with self._plock:
-                busy = bool(self._pending)
-            if not busy:
-                last = time.monotonic()
-            elif self.timeout is not None and time.monotonic() - last > self.timeout:
-                return False
+    def _deadline(self) -> float | None:
+        with self._plock:
+            ds = [p.deadline for p in self._pending.values() if p.deadline is not None]
+        return min(ds) if ds else None
+
+    def _alive(self) -> bool:
+        return self._closed is None
+
+    def _read_one(self) -> None:
+        t, dl, alive = self._t, self._deadline, self._alive
+        hlen, plen = read_prefix(t, dl, alive, max_header=MAX_REPLY_HEADER_BYTES)
+        doc = parse_header(bytes(recv_exact(t, hlen, dl, alive)))
+        msg = doc["msg"]
+        rid = msg.get("id")
+        with self._plock:
+            entry = self._pending.get(rid) if type(rid) is int else None
+            one_way = entry is None and type(rid) is int and rid in self._one_way_set and msg.get("ok") is False
+            if one_way:
+                self._one_way_set.discard(rid)
+        if entry is None and not one_way:
+            raise ProtocolError(f"unsolicited frame from the server (id {str(rid)[:30]}, ok={msg.get('ok')!r}): "
+                                + (str(msg.get("error"))[:300] if msg.get("ok") is False else "no such request"))
+        limit = entry.max_payload if entry is not None else _ERROR_REPLY_BYTES
+        if plen > limit:
+            raise ProtocolError(f"reply to a {entry.op if entry else 'one-way'} request claims {plen} payload bytes; "
+                                f"at most {limit} expected")
+        payload = recv_exact(t, plen, dl, alive) if plen else bytearray()
+        msg = decode_body(doc, payload)
+        if entry is None:  # a one-way request failed on the server
+            err = RemoteError(f"accelerator server: {str(msg.get('type', 'Error'))[:100]}: {str(msg.get('error'))[:1000]}")
+            log.error("%s", err)
+            if self._async_error is None:
+                self._async_error = err
+            return
+        with self._plock:
+            self._pending.pop(rid, None)
+        if msg.get("ok") is True:
+            try:
+                entry.fut.set_result(entry.decode(msg.get("result")))
+            except IntegrityError as e:
+                entry.fut.set_exception(e)
+                self._fail(e)
+            except Exception as e:  # a malformed answer
+                entry.fut.set_exception(ProtocolError(f"malformed answer from the accelerator server: {e}"))
+        elif msg.get("ok") is False:
+            entry.fut.set_exception(RemoteError(f"accelerator server: {str(msg.get('type', 'Error'))[:100]}: "
+                                                f"{str(msg.get('error'))[:1000]}"))
+        else:
+            raise ProtocolError("reply without a boolean 'ok'")
 
     def _read_loop(self) -> None:
-        while True:
-            try:
-                if not self._wait_readable():
-                    self._fail(TimeoutError(f"no answer within {self.timeout}s (server hung or overloaded)"))
-                    return
-                header, payload = read_frame(self._sock)
-                msg = decode_message(header, payload)
-            except (OSError, ValueError) as e:
-                if isinstance(e, socket.timeout):
-                    e = TimeoutError(f"reply stalled for more than {self.timeout}s")
-                elif isinstance(e, OSError):
-                    e = ConnectionError(f"connection lost ({e.strerror or e})")
-                self._fail(e)
-                return
-            rid = msg.get("id")
-            with self._plock:
-                entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
-            if entry is None:
-                if not msg.get("ok", False):
-                    err = RemoteError(f"accelerator server: {msg.get('type', 'Error')}: {msg.get('error')}")
-                    log.error("%s", err)
-                    if self._async_error is None:
-                        self._async_error = err
-                continue
-            fut, decode = entry
-            if msg.get("ok"):
-                try:
-                    fut.set_result(decode(msg.get("result")))
-                except Exception as e:  # a malformed answer
-                    fut.set_exception(RemoteError(f"malformed answer from the accelerator server: {e}"))
-            else:
-                fut.set_exception(RemoteError(f"accelerator server: {msg.get('type', 'Error')}: {msg.get('error')}"))
+        try:
+            while True:
+                self._read_one()
+        except BaseException as e:  # noqa: BLE001 - whatever happened, no request may wait forever
+            if isinstance(e, TimeoutError):
+                e = TimeoutError("no answer within the request timeout (server hung, overloaded or dripping)")
+            elif isinstance(e, ssl.SSLError):
+                e = ConnectionError(f"TLS error ({e.reason or e})")
+            elif isinstance(e, OSError) and not isinstance(e, ConnectionError):
+                e = ConnectionError(f"connection lost ({e.strerror or e})")
+            elif isinstance(e, MemoryError):
+                e = ProtocolError("reply too large for this process's memory")
+            elif not isinstance(e, (ConnectionError, ProtocolError, IntegrityError)):
+                e = ProtocolError(f"unreadable reply ({type(e).__name__}: {e})")
+            self._fail(e)
 
     # ------------------------------------------------------------------ weights and programs
     def _weights_msg(self, params: dict[str, Tensor], layer: str) -> tuple[dict[str, int], list[list[Any]]]:
@@ -565,12 +378,19 @@ class RemoteExecutor(Executor):
         self._check()
         self.ledger.record(layer, kind, tensor)
         hid = next(self._hids)
-        self._one_way({"op": "release", "hid": hid, "layer": layer, "kind": kind, "tensor": tensor})
+        bufs = self._one_way({"op": "release", "hid": hid, "layer": layer, "kind": kind, "tensor": tensor})
+        v = self.verifier
+        if v is not None:  # the snapshot that was sent (the caller may reuse its tensor)
+            keep = next(b for b in reversed(bufs) if isinstance(b, _Keep))
+            v.release(hid, keep.tensors[0].view(tensor.shape) if keep.tensors else tensor)
         return Handle(hid, tuple(tensor.shape))
 
     def discard(self, handles: list[Handle]) -> None:
         if handles and self._closed is None:
             self._one_way({"op": "discard", "hids": [h.id for h in handles]})
+        v = self.verifier
+        if v is not None:
+            v.discard([h.id for h in handles])
 
     def forward(
         self,
@@ -585,6 +405,11 @@ class RemoteExecutor(Executor):
         grad_params: tuple[str, ...] = (),
     ) -> Future[dict[str, Tensor | None]]:
         self._check()
+        dtype = next((p.dtype for p in params.values() if p.is_floating_point()), torch.float32)
+        shapes, _ = self._shape_helper.shapes(program, {n: h.shape for n, h in inputs.items()}, params, dtype)
+        unknown = [o for o in outputs if o not in shapes]
+        if unknown:
+            raise ValueError(f"{layer}: outputs {unknown} are not values of the program")
         names, new = self._weights_msg(params, layer)
         drop = []
         while self._dead_wids:
@@ -594,13 +419,20 @@ class RemoteExecutor(Executor):
             "inputs": {n: h.id for n, h in inputs.items()}, "params": names, "weights": new, "drop": drop,
             "outputs": list(outputs), "layer": layer, "keep_graph": bool(keep_graph), "grad_params": list(grad_params),
         }
+        if keep_graph:
+            self._fwd_shapes[key] = (shapes, {n: (tuple(p.shape), p.dtype) for n, p in params.items()})
+        v = self.verifier
+        hids = {n: h.id for n, h in inputs.items()}
 
         def decode(res: Any) -> dict[str, Tensor | None]:
             if not isinstance(res, dict) or not all(v is None or isinstance(v, Tensor) for v in res.values()):
-                raise ValueError("forward result must map names to tensors")
+                raise IntegrityError(f"forward result of layer {layer!r} must map names to tensors")
+            if v is not None:
+                v.check_forward(key, program, hids, params, outputs, res, layer=layer, keep_graph=keep_graph)
             return res
 
-        return self._call(msg, decode)
+        limit = payload_size(shapes[o] for o in outputs if shapes.get(o) is not None)
+        return self._call(msg, decode, max_payload=limit)
 
     def backward(self, key: int, request: BackwardRequest) -> Future[dict[str, dict[str, Tensor | None]]]:
         self._check()
@@ -610,19 +442,30 @@ class RemoteExecutor(Executor):
             "input_grads": list(request.input_grads), "param_grads": list(request.param_grads),
             "value_grads": list(request.value_grads), "values": list(request.values),
         }
+        shapes, pshapes = self._fwd_shapes.pop(key, ({}, {}))
+        want = [shapes.get(n) for n in (*request.input_grads, *request.value_grads, *request.values)]
+        want += [pshapes.get(n) for n in request.param_grads]
+        limit = payload_size(s for s in want if s is not None)
+        v = self.verifier
 
         def decode(res: Any) -> dict[str, dict[str, Tensor | None]]:
             sections = ("input_grads", "param_grads", "value_grads", "values")
             if not isinstance(res, dict) or set(res) != set(sections):
-                raise ValueError("backward result must have input_grads/param_grads/value_grads/values")
+                raise IntegrityError("backward result must have input_grads/param_grads/value_grads/values")
             for s in sections:
                 if not isinstance(res[s], dict) or not all(v is None or isinstance(v, Tensor) for v in res[s].values()):
-                    raise ValueError(f"backward result section {s} must map names to tensors")
+                    raise IntegrityError(f"backward result section {s} must map names to tensors")
+            if v is not None:
+                v.check_backward(key, request, res)
             return res
 
-        return self._call(msg, decode)
+        return self._call(msg, decode, max_payload=limit)
 
     def free(self, key: int) -> None:
+        self._fwd_shapes.pop(key, None)
+        v = self.verifier
+        if v is not None:
+            v.free(key)
         if self._closed is None:
             self._one_way({"op": "free", "key": key})
 
@@ -635,7 +478,15 @@ class RemoteExecutor(Executor):
 
     def stats(self) -> dict[str, dict[str, float]]:
         self._check()
-        return self._call({"op": "stats"}).result()
+
+        def decode(res: Any) -> dict[str, dict[str, float]]:
+            if not isinstance(res, dict) or not all(
+                isinstance(d, dict) and all(isinstance(x, (int, float)) for x in d.values()) for d in res.values()
+            ):
+                raise ProtocolError("stats must map layer names to {name: number}")
+            return res
+
+        return self._call({"op": "stats"}, decode).result()
 
     def reset_stats(self) -> None:
         self._check()
@@ -659,14 +510,11 @@ class RemoteExecutor(Executor):
         with self._plock:
             if self._closed is None:
                 self._closed = ConnectionError("the executor was closed")
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
         self._outq.put(_STOP)
+        self._t.shutdown()
         if self._reader is not threading.current_thread():
             self._reader.join(timeout=5.0)
+        self._t.close()
 
     def __enter__(self) -> RemoteExecutor:
         return self
@@ -678,11 +526,18 @@ class RemoteExecutor(Executor):
         return f"RemoteExecutor({str(self.address)!r})"
 
 
-def make_executor(spec: str | torch.device, *, audit: bool = False) -> Executor:
-    """An executor from a device-or-address string: ``tcp://…`` / ``unix://…`` give a :class:`RemoteExecutor`,
-    anything else (``cpu``, ``cuda:1``, ``auto``) a :class:`~asymml.executors.local.LocalExecutor`."""
-    if isinstance(spec, str) and (spec.startswith("tcp://") or spec.startswith("unix://")):
-        return RemoteExecutor(spec, audit=audit)
+def make_executor(spec: str | torch.device, *, audit: bool = False, tls_cert: str | None = None,
+                  tls_key: str | None = None, tls_ca: str | None = None, insecure: bool = False,
+                  timeout: float | None = 300.0, verify: bool | None = None) -> Executor:
+    """An executor from a device-or-address string: ``tcp://…`` / ``unix://…`` give a :class:`RemoteExecutor`
+    (with the TLS options, the per-request ``timeout`` and ``insecure`` as there), anything else (``cpu``,
+    ``cuda:1``, ``auto``) a :class:`~asymml.executors.local.LocalExecutor`. ``verify=None`` keeps each
+    executor's default (on for remote, off for local)."""
+    if is_address(spec):
+        return RemoteExecutor(str(spec), audit=audit, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                              insecure=insecure, timeout=timeout, verify=True if verify is None else verify)
+    if any(x is not None for x in (tls_cert, tls_key, tls_ca)):
+        raise ConfigError(f"TLS options apply to a remote accelerator (tcp://… or unix://…), not to device {spec!r}")
     from .local import LocalExecutor
 
-    return LocalExecutor(spec, audit=audit)
+    return LocalExecutor(spec, audit=audit, verify=bool(verify))

@@ -15,29 +15,34 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from ..errors import ConfigError, ProtocolError
 from ..ledger import KINDS
+from .addresses import Address, parse_address, tune
 from .base import BackwardRequest, Handle
 from .local import LocalExecutor
-from .ops import Instr
-from .remote import (
+from .ops import Instr, ProgramError, infer_shapes
+from .tls import TLSConfig
+from .wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_HEADER_BYTES,
     ONE_WAY,
     PROTOCOL_VERSION,
-    Address,
-    ProtocolError,
-    _tune,
-    decode_message,
+    Transport,
+    decode_body,
     decode_program,
     encode_message,
-    parse_address,
-    read_frame,
+    parse_header,
+    read_prefix,
+    recv_exact,
     send_buffers,
 )
 
@@ -80,7 +85,8 @@ class _Connection:
 
     def __init__(self, server: AcceleratorServer, sock: socket.socket, peer: str) -> None:
         self.server = server
-        self.sock = sock
+        self.raw = sock
+        self.t: Transport | None = None
         self.peer = peer
         self.ex = LocalExecutor(server.device)
         self.handles: dict[int, Handle] = {}
@@ -91,6 +97,8 @@ class _Connection:
         self.requests = 0
         self.errors = 0
         self.alive = True
+        self.inflight = 0  # jobs submitted and not yet answered (the connection is not idle meanwhile)
+        self.last_active = time.monotonic()
 
     # ---------------------------------------------------------- replies
     def reply(self, rid: Any, result: Any = None, *, error: BaseException | None = None) -> None:
@@ -108,15 +116,21 @@ class _Connection:
             if not self.alive:
                 return
             try:
-                send_buffers(self.sock, bufs)
-            except OSError as e:
+                send_buffers(self.t if self.t is not None else self.raw, bufs)
+            except (OSError, ssl.SSLError) as e:
                 log.warning("%s: cannot send reply (%s); dropping the connection", self.peer, e)
                 self.alive = False
                 with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+                    self.raw.shutdown(socket.SHUT_RDWR)
 
     def reply_when_done(self, rid: Any, fut: Future) -> None:
+        with self.send_lock:
+            self.inflight += 1
+
         def done(f: Future) -> None:
+            with self.send_lock:
+                self.inflight -= 1
+                self.last_active = time.monotonic()
             exc = f.exception()
             if exc is not None:
                 log.warning("%s: request %s failed: %s: %s", self.peer, rid, type(exc).__name__, exc)
@@ -189,11 +203,10 @@ class _Connection:
         self.ex.free(key)
 
     def _forget_weight(self, t: torch.Tensor | None) -> None:
-        # LocalExecutor caches device copies of weights by id(); drop the entry before the tensor dies so a
-        # later tensor reusing the id is never mistaken for it.
-        cache = getattr(self.ex, "_weight_versions", None)
-        if t is not None and isinstance(cache, dict):
-            cache.pop(id(t), None)
+        # the executor caches device copies of weights by id(); drop the entry before the tensor dies so a
+        # later tensor reusing the id is never mistaken for it
+        if t is not None:
+            self.ex.forget_weight(t)
 
     def op_drop_weights(self, msg: dict[str, Any]) -> None:
         for wid in _ids(msg, "wids"):
@@ -226,6 +239,18 @@ class _Connection:
             params[n] = self.weights[wid]
         outputs = _names(msg, "outputs")
         layer = _field(msg, "layer", str, "a string")
+        # shapes first: refuses programs that do not apply to these inputs or would blow up (e.g. a padding
+        # far larger than the kernel) before anything is allocated
+        dtype = next((t.dtype for t in params.values()), torch.float32)
+        try:
+            shapes = infer_shapes(program, {n: (h.shape, dtype) for n, h in inputs.items()},
+                                  {n: (tuple(t.shape), t.dtype) for n, t in params.items()},
+                                  max_numel=self.server.max_payload // 4)
+        except ProgramError as e:
+            raise ProtocolError(f"forward ({layer[:100]}): {e}") from None
+        missing = [o for o in outputs if o not in shapes]
+        if missing:
+            raise ProtocolError(f"forward: outputs {missing[:5]} are not values of the program")
         keep = _field(msg, "keep_graph", bool, "a boolean")
         grad_params = tuple(_names(msg, "grad_params"))
         fut = self.ex.forward(key, program, inputs, params, outputs, layer=layer, keep_graph=keep, grad_params=grad_params)
@@ -265,26 +290,64 @@ class _Connection:
         return None
 
     # ---------------------------------------------------------- loop
+    def _idle_deadline(self) -> float | None:
+        idle = self.server.idle_timeout
+        if idle is None or self.inflight:
+            return None
+        return self.last_active + idle
+
+    def _read(self) -> tuple[bytes, bytearray]:
+        t = self.t
+        assert t is not None
+        alive = lambda: self.alive and not self.server._stopping.is_set()  # noqa: E731
+        frame_deadline: list[float] = []
+        dl = lambda: frame_deadline[0] if frame_deadline else None  # noqa: E731
+
+        def start() -> float | None:
+            return self._idle_deadline()
+
+        hlen, plen = read_prefix(t, dl, alive, first_byte_deadline=start, max_header=MAX_HEADER_BYTES)
+        frame_deadline.append(time.monotonic() + self.server.frame_timeout)
+        if plen > self.server.max_payload:
+            raise ProtocolError(f"payload of {plen} bytes exceeds the limit of {self.server.max_payload}")
+        header = bytes(recv_exact(t, hlen, dl, alive))
+        payload = recv_exact(t, plen, dl, alive) if plen else bytearray()
+        self.last_active = time.monotonic()
+        return header, payload
+
     def serve(self) -> None:
-        max_payload = self.server.max_payload
+        srv = self.server
         try:
+            try:
+                self.t = Transport.wrap(self.raw, srv.ssl_context, server_side=True,
+                                        deadline=time.monotonic() + srv.handshake_timeout)
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+                log.warning("%s: refused: TLS handshake failed (%s)", self.peer, e)
+                return
+            if self.t.tls is not None:
+                cert = self.t.peer_certificate or {}
+                subject = dict(x[0] for x in cert.get("subject", ()))
+                log.info("%s: authenticated as %r", self.peer, subject.get("commonName", "?"))
             while self.alive:
                 try:
-                    header, payload = read_frame(self.sock, max_payload)
+                    header, payload = self._read()
                 except ProtocolError as e:  # framing lost: answer once, then hang up
                     log.warning("%s: broken frame (%s); closing the connection", self.peer, e)
                     self.reply(None, error=e)
                     return
+                except TimeoutError:
+                    log.info("%s: idle or stalled beyond the server's limits; closing the connection", self.peer)
+                    return
                 try:
-                    msg = decode_message(header, payload)
+                    msg = decode_body(parse_header(header), payload)
                 except ProtocolError as e:
                     log.warning("%s: refused malformed message: %s", self.peer, e)
                     self.reply(None, error=e)
                     continue
                 if not self.handle(msg):
                     return
-        except (ConnectionError, OSError) as e:
-            if self.alive and not self.server._stopping.is_set():
+        except (ConnectionError, OSError, ssl.SSLError) as e:
+            if self.alive and not srv._stopping.is_set():
                 log.info("%s: connection ended (%s)", self.peer, e)
         finally:
             self.close()
@@ -295,8 +358,8 @@ class _Connection:
         with contextlib.suppress(Exception):
             self.ex.close()
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+            self.raw.shutdown(socket.SHUT_RDWR)
+        self.raw.close()
         led = self.ex.ledger
         log.info("%s: closed after %d requests (%d refused); received %s; %.1f MiB of private-derived tensors",
                  self.peer, self.requests, self.errors, dict(led.count_by_kind) or "nothing",
@@ -309,14 +372,43 @@ class AcceleratorServer:
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``. Binds immediately (``address`` is then the
     actual bound address); call :meth:`serve_forever` to accept clients and :meth:`shutdown` (any thread) to stop.
+
+    Security: with ``tls`` (a :class:`~asymml.executors.tls.TLSConfig`) every client must present a
+    certificate signed by its CA (mutual TLS). Without it the server is unauthenticated and unencrypted:
+    that needs ``insecure=True`` and is refused on any address other than loopback or a Unix socket.
+
+    Limits against hostile clients: at most ``max_connections`` at once (more are answered with an error and
+    closed), a connection idle (no request, no job running) for ``idle_timeout`` seconds is closed, a frame
+    must arrive whole within ``frame_timeout`` seconds of its first byte, TLS handshakes within
+    ``handshake_timeout``, messages are at most ``max_payload`` bytes, and ``accept()`` failures (e.g. out of
+    file descriptors) pause accepting briefly instead of stopping the server.
     """
 
-    def __init__(self, address: str, device: str = "auto", *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, address: str, device: str = "auto", *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 tls: TLSConfig | None = None, insecure: bool = False, max_connections: int = 16,
+                 idle_timeout: float | None = 3600.0, frame_timeout: float = 600.0,
+                 handshake_timeout: float = 10.0) -> None:
+        addr = parse_address(address)
+        if tls is None:
+            if not insecure:
+                raise ConfigError("refusing to serve without TLS: pass --tls-cert/--tls-key/--tls-ca (mutual TLS; "
+                                  "`asymml certs --out DIR` makes a test set) or, on this host only, --insecure")
+            if not addr.is_local:
+                raise ConfigError(f"refusing to serve without TLS on the non-loopback address {addr}: anyone who can "
+                                  "reach it could drive the accelerator and read what crosses; use mutual TLS")
+        if max_connections < 1:
+            raise ConfigError(f"max_connections must be positive, got {max_connections}")
+        self.ssl_context: ssl.SSLContext | None = tls.server_context() if tls is not None else None
+        self.insecure = tls is None
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.handshake_timeout = handshake_timeout
         probe = LocalExecutor(device)  # validates the device early (clear error, before binding)
         self.device = probe.device
         probe.close()
         self.max_payload = max_payload
-        self._addr = parse_address(address)
+        self._addr = addr
         self._stopping = threading.Event()
         self._conns: set[_Connection] = set()
         self._lock = threading.Lock()
@@ -358,36 +450,63 @@ class AcceleratorServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
             self._addr = Address("tcp", host=addr.host, port=sock.getsockname()[1])
-        sock.listen(16)
+        sock.listen(64)
         sock.settimeout(0.2)  # lets serve_forever notice shutdown()
         return sock
 
     def serve_forever(self) -> None:
         """Accept and serve clients (one thread each) until :meth:`shutdown`."""
-        log.info("accelerator server listening on %s (device %s, torch %s, %d threads)", self.address, self.device,
-                 torch.__version__, torch.get_num_threads())
+        log.info("accelerator server listening on %s (device %s, torch %s, %d threads, %s)", self.address,
+                 self.device, torch.__version__, torch.get_num_threads(),
+                 "UNAUTHENTICATED (--insecure)" if self.insecure else "mutual TLS")
+        n_unix = 0
         try:
             while not self._stopping.is_set():
                 try:
                     sock, peer = self._listener.accept()
                 except TimeoutError:
                     continue
-                except OSError:
+                except OSError as e:
                     if self._stopping.is_set():
                         break
-                    raise
-                sock.settimeout(None)
-                _tune(sock)
-                name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix-client-{len(self._threads)}"
-                log.info("%s: connected", name)
-                conn = _Connection(self, sock, name)
-                with self._lock:
-                    self._conns.add(conn)
-                t = threading.Thread(target=self._run_conn, args=(conn,), name=f"asymml-serve-{name}", daemon=True)
-                self._threads.append(t)
-                t.start()
+                    # EMFILE/ENFILE/ENOBUFS/ENOMEM/ECONNABORTED…: one failed accept must not stop the server
+                    log.warning("accept() failed (%s); pausing briefly", e.strerror or e)
+                    self._stopping.wait(0.2)
+                    continue
+                try:
+                    self._admit(sock, peer, n_unix)
+                except Exception as e:  # never let one connection take the server down
+                    log.warning("cannot start serving a connection (%s)", e)
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                n_unix += 1
         finally:
             self._cleanup()
+
+    def _admit(self, sock: socket.socket, peer: Any, n: int) -> None:
+        sock.settimeout(None)
+        tune(sock)
+        name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix-client-{n}"
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            full = len(self._conns) >= self.max_connections
+        if full:
+            log.warning("%s: refused: %d connections already (--max-connections)", name, self.max_connections)
+            if self.ssl_context is None:  # a plain client gets a reason; a TLS client just sees the close
+                with contextlib.suppress(OSError):
+                    sock.settimeout(1.0)
+                    send_buffers(sock, encode_message({"id": None, "ok": False, "type": "ServerBusy",
+                                                       "error": f"server busy ({self.max_connections} connections)"}))
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        log.info("%s: connected", name)
+        conn = _Connection(self, sock, name)
+        with self._lock:
+            self._conns.add(conn)
+        t = threading.Thread(target=self._run_conn, args=(conn,), name=f"asymml-serve-{name}", daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def _run_conn(self, conn: _Connection) -> None:
         try:
@@ -410,7 +529,7 @@ class AcceleratorServer:
             conns = list(self._conns)
         for c in conns:
             with contextlib.suppress(OSError):
-                c.sock.shutdown(socket.SHUT_RDWR)
+                c.raw.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5.0)
         if self._unix_path is not None:

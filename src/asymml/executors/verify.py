@@ -1,0 +1,529 @@
+"""Verification of accelerator results (Freivalds-style randomized checks; Slalom, Tramèr & Boneh 2019).
+
+The trusted side knows every program (public data), its parameters and the tensors it released, so it can
+check each reply without redoing the accelerator's work:
+
+* **shape, dtype and finiteness** of every returned tensor against the shapes the program implies (inferred
+  on shape-only tensors), so nothing broadcasts, truncates or changes type;
+* **forward results** ``Y = P(X)``: ``⟨S, Y⟩ = ⟨Pᵀ S, X⟩`` for a secret random test tensor ``S``;
+* **intermediate values** the backward returns (inputs of weighted ops): the same identity, with the
+  expected projection computed when the forward reply arrives (while the released inputs are at hand);
+* **input and intermediate gradients** ``δ = Lᵀ G``: ``⟨S, δ⟩ = ⟨L S, G⟩`` (the program run *forward* on
+  the test tensors, from the released output gradients ``G``);
+* **weight gradients** ``∇W = Σ δ ⋆ x``: ``⟨T, ∇W⟩ = ⟨δ, conv(x, T)⟩`` with the (already verified) ``δ``
+  and ``x``.
+
+Cost. Test tensors are structured, ``S = r ⊗ u ⊗ v`` (batch × channel × spatial) and ``T = t ⊗ M``
+(output channel × input-channel/kernel), so a convolution's adjoint applied to ``S`` is one *single-channel*
+transposed convolution of one sample with the weight contracted by ``u`` (about ``1/(B·C_out)`` of the
+accelerator's work), the forward of a test tensor a single-input-channel convolution, and a weight-gradient
+check one single-output-channel convolution; the rest are inner products over the tensors that cross
+anyway. Per-sample programs are checked on the batch collapsed by ``r``.
+
+Soundness. Test tensors come from a generator seeded from the OS CSPRNG (:mod:`secrets`) that the
+accelerator never observes. For a wrong result ``Y + E`` the check misses only if ``|⟨S, E⟩|`` falls under
+the floating-point tolerance ``rtol·‖Y‖``; each of ``rounds`` independent test tensors gives an independent
+chance. :func:`measure_detection` estimates the detection rate against concrete tampers and the false-alarm
+rate on honest results; :meth:`Verifier.stats` reports the time spent (the trusted overhead).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_input
+
+from ..errors import IntegrityError, ProtocolError
+from .base import BackwardRequest
+from .ops import OPS, Instr, _scale, infer_shapes
+
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype] | None]
+
+#: default relative tolerance: float32 on CPU is far below it; GPUs may use TF32 (about 1e-3 per product)
+RTOL_CPU = 1e-3
+RTOL_GPU = 2e-2
+
+
+@dataclass
+class Fact:
+    """A test tensor factored along channels: ``value[b, c, h, w] = u[c] · V[b, 0, h, w]``."""
+
+    u: Tensor   # (C,)
+    V: Tensor   # (B', 1, H, W)
+
+    def dense(self) -> Tensor:
+        return self.u.view(1, -1, 1, 1) * self.V
+
+
+Val = Tensor | Fact | None
+
+
+def _dense(v: Val) -> Tensor | None:
+    return v.dense() if isinstance(v, Fact) else v
+
+
+def _acc(a: Val, b: Val) -> Val:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, Fact) and isinstance(b, Fact) and a.u is b.u:
+        return Fact(a.u, a.V + b.V)
+    return _dense(a) + _dense(b)
+
+
+def _neg(v: Val) -> Val:
+    if isinstance(v, Fact):
+        return Fact(-v.u, v.V)
+    return None if v is None else -v
+
+
+def _scale_vec(ins: Instr, params: dict[str, Tensor]) -> Tensor:
+    if ins.op == "scale":
+        return params[ins.params[0]]
+    s = torch.rsqrt(params[ins.params[0]] + ins.kw["eps"])
+    if len(ins.params) > 1:
+        s = s * params[ins.params[1]]
+    return s
+
+
+def _generic_vjp(ins: Instr, g: Tensor, shape: tuple[int, ...], params: dict[str, Tensor]) -> Tensor:
+    x = torch.zeros(shape, dtype=g.dtype, requires_grad=True)
+    with torch.enable_grad():
+        y = OPS[ins.op](x, *[params[p] for p in ins.params], **ins.kw)
+        (gx,) = torch.autograd.grad(y, x, g.reshape(y.shape))
+    return gx
+
+
+def _unbroadcast(g: Tensor, shape: tuple[int, ...]) -> Tensor:
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    for i, s in enumerate(shape):
+        if s == 1 and g.shape[i] != 1:
+            g = g.sum(i, keepdim=True)
+    return g
+
+
+def adjoint(program: list[Instr], params: dict[str, Tensor], seeds: dict[str, Val], shapes: Shapes) -> dict[str, Val]:
+    """Apply the transpose of the (linear) program to ``seeds`` (cotangents at named values); returns the
+    cotangents at every value reached, in particular the program inputs. ``shapes`` are the values' shapes."""
+    ct: dict[str, Val] = dict(seeds)
+    for ins in reversed(program):
+        g = ct.get(ins.out)
+        if g is None or shapes.get(ins.out) is None:
+            continue
+        arg_shapes = [shapes.get(a) for a in ins.args]
+        op = ins.op
+        outs: list[Val]
+        if op == "conv2d":
+            W, kw = params[ins.params[0]], ins.kw
+            xs = arg_shapes[0][0]
+            if isinstance(g, Fact) and kw.get("groups", 1) == 1:
+                wu = torch.einsum("o,oikl->ikl", g.u, W.to(g.u.dtype)).unsqueeze(0)
+                outs = [conv2d_input(xs, wu, g.V, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
+                                     dilation=kw.get("dilation", 1))]
+            else:
+                gd = _dense(g)
+                outs = [conv2d_input(xs, W.to(gd.dtype), gd, **kw)]
+        elif op == "linear":
+            gd = _dense(g)
+            W = params[ins.params[0]]
+            outs = [(gd.to(W.dtype) @ W).to(gd.dtype)]
+        elif op in ("scale", "bn_scale"):
+            s = _scale_vec(ins, params)
+            outs = [Fact(g.u * s.to(g.u.dtype), g.V) if isinstance(g, Fact) else _scale(g, s.to(g.dtype))]
+        elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(g, Fact):
+            shp = arg_shapes[0][0]
+            outs = [Fact(g.u, _generic_vjp(ins, g.V, (shp[0], 1, *shp[2:]), params))]
+        elif op == "identity":
+            outs = [g]
+        elif op == "mul_const":
+            c = ins.kw["c"]
+            outs = [Fact(g.u * c, g.V) if isinstance(g, Fact) else g * c]
+        elif op in ("add", "sub"):
+            outs = []
+            out_shape = shapes[ins.out][0]
+            for i, s in enumerate(arg_shapes):
+                gi = g if op == "add" or i == 0 else _neg(g)
+                if s is not None and tuple(s[0]) != tuple(out_shape):
+                    gi = _unbroadcast(_dense(gi), s[0])
+                outs.append(gi)
+        else:
+            outs = [_generic_vjp(ins, _dense(g), arg_shapes[0][0], params)]
+        for a, s, c in zip(ins.args, arg_shapes, outs):
+            if s is not None and c is not None:
+                ct[a] = _acc(ct.get(a), c)
+    return ct
+
+
+def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: dict[str, Val],
+                   shapes: Shapes) -> dict[str, Val]:
+    """Run the program on ``injections`` added at named values (inputs and intermediate values alike); the
+    program is linear, so this is ``Σ_n L_n(injection_n)``. Values that stay zero are ``None``."""
+    env: dict[str, Val] = {n: v for n, v in injections.items() if n not in {i.out for i in program}}
+    for ins in program:
+        if shapes.get(ins.out) is None:
+            continue
+        args = [env.get(a) for a in ins.args]
+        op = ins.op
+        y: Val
+        if op in ("add", "sub"):
+            y = None
+            out_shape = shapes[ins.out][0]
+            for i, (a, s) in enumerate(zip(args, [shapes.get(n) for n in ins.args])):
+                if a is None:
+                    continue
+                ai = a if op == "add" or i == 0 else _neg(a)
+                if s is not None and tuple(s[0]) != tuple(out_shape):
+                    ai = _dense(ai).expand(out_shape)
+                y = _acc(y, ai)
+        elif args[0] is None:
+            y = None
+        else:
+            x = args[0]
+            if op == "conv2d":
+                W, kw = params[ins.params[0]], ins.kw
+                if isinstance(x, Fact) and kw.get("groups", 1) == 1:
+                    wu = torch.einsum("oikl,i->okl", W.to(x.u.dtype), x.u).unsqueeze(1)
+                    y = F.conv2d(x.V, wu, None, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
+                                 dilation=kw.get("dilation", 1))
+                else:
+                    xd = _dense(x)
+                    y = F.conv2d(xd, W.to(xd.dtype), None, **kw)
+            elif op == "linear":
+                xd = _dense(x)
+                W = params[ins.params[0]]
+                y = F.linear(xd.to(W.dtype), W).to(xd.dtype)
+            elif op in ("scale", "bn_scale"):
+                s = _scale_vec(ins, params)
+                y = Fact(x.u * s.to(x.u.dtype), x.V) if isinstance(x, Fact) else _scale(x, s.to(x.dtype))
+            elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(x, Fact):
+                y = Fact(x.u, OPS[op](x.V, **ins.kw))
+            elif op == "identity":
+                y = x
+            elif op == "mul_const":
+                c = ins.kw["c"]
+                y = Fact(x.u * c, x.V) if isinstance(x, Fact) else x * c
+            else:
+                xd = _dense(x)
+                y = OPS[op](xd, *[params[p].to(xd.dtype) for p in ins.params], **ins.kw)
+        y = _acc(y, injections.get(ins.out))
+        env[ins.out] = y
+    return env
+
+
+def _ip(s: Val, t: Tensor | None, r: Tensor | None) -> float:
+    """``⟨S, t⟩`` for ``S = r ⊗ s`` (batch-collapsed, ``s`` of batch 1) or ``S = s`` (``r`` is None)."""
+    if s is None or t is None:
+        return 0.0
+    if r is not None:
+        t = torch.tensordot(r.to(t.dtype), t, dims=([0], [0])).unsqueeze(0)
+    if isinstance(s, Fact):
+        m = torch.einsum("bchw,c->bhw", t, s.u.to(t.dtype))
+        return float((m.double() * s.V[:, 0]).sum())
+    return float((s * t.to(s.dtype)).sum())
+
+
+def _norm2(t: Tensor | None) -> float:
+    return 0.0 if t is None else float(torch.linalg.vector_norm(t.double() if t.dtype != torch.float64 else t)) ** 2
+
+
+@dataclass
+class _Forward:
+    program: list[Instr]
+    params: dict[str, Tensor]
+    shapes: Shapes
+    collapsed: bool
+    layer: str
+    value_exp: dict[str, list[tuple[Tensor | None, Val, float]]] = field(default_factory=dict)
+
+
+class Verifier:
+    """Checks every accelerator result of one executor; raises :class:`~asymml.errors.IntegrityError`.
+
+    Args:
+        rounds: independent random test tensors per check (each multiplies the miss probability).
+        rtol: tolerance relative to the result's norm; default 1e-3 (CPU float32), 2e-2 for GPUs (TF32).
+        device_type: the accelerator's device type (``"cpu"``/``"cuda"``), to pick the default ``rtol``.
+    """
+
+    def __init__(self, rounds: int = 2, rtol: float | None = None, device_type: str = "cpu") -> None:
+        if rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        self.rounds = rounds
+        self.rtol = rtol if rtol is not None else (RTOL_CPU if device_type == "cpu" else RTOL_GPU)
+        self._gen = torch.Generator().manual_seed(secrets.randbits(63))
+        self._lock = threading.Lock()
+        self._released: dict[int, Tensor] = {}
+        self._forwards: dict[int, _Forward] = {}
+        self._shape_cache: dict[tuple, tuple[Shapes, bool]] = {}
+        self._stats = {"checks": 0, "failures": 0, "seconds": 0.0}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def release(self, hid: int, tensor: Tensor) -> None:
+        """Keep the client's copy of a released tensor (until discarded or consumed)."""
+        with self._lock:
+            self._released[hid] = tensor.detach()
+
+    def discard(self, hids: list[int]) -> None:
+        with self._lock:
+            for h in hids:
+                self._released.pop(h, None)
+
+    def free(self, key: int) -> None:
+        with self._lock:
+            self._forwards.pop(key, None)
+
+    def stats(self) -> dict[str, float]:
+        """``checks`` (replies verified), ``failures`` and ``seconds`` of trusted time spent verifying."""
+        with self._lock:
+            return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = {"checks": 0, "failures": 0, "seconds": 0.0}
+
+    def shapes(self, program: list[Instr], inputs: dict[str, Tensor | tuple[int, ...]],
+               params: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> tuple[Shapes, bool]:
+        """(shape, dtype) of every program value, and whether the program is per-sample (batch-collapsible)."""
+        ins = {n: (tuple(x.shape) if isinstance(x, Tensor) else tuple(x)) for n, x in inputs.items()}
+        dt = next((x.dtype for x in inputs.values() if isinstance(x, Tensor)), dtype)
+        key = (id(program), tuple(sorted(ins.items())), tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), dt)
+        hit = self._shape_cache.get(key)
+        if hit is not None:
+            return hit
+        pshapes = {n: (tuple(p.shape), p.dtype) for n, p in params.items()}
+        full = infer_shapes(program, {n: (s, dt) for n, s in ins.items()}, pshapes)
+        collapsed = False
+        batch = {s[0] for s in ins.values() if s}
+        if len(batch) == 1 and all(len(s) > 0 for s in ins.values()):
+            (B,) = batch
+            try:
+                one = infer_shapes(program, {n: ((1, *s[1:]), dt) for n, s in ins.items()}, pshapes)
+                collapsed = all((a is None and b is None) or (a is not None and b is not None and a[0][0] == B
+                                and b[0] == (1, *a[0][1:])) for a, b in ((full[n], one.get(n)) for n in full))
+            except ProtocolError:
+                collapsed = False
+        if len(self._shape_cache) > 4096:
+            self._shape_cache.clear()
+        self._shape_cache[key] = (full, collapsed)
+        return full, collapsed
+
+    # ------------------------------------------------------------------ random test tensors
+    def _randn(self, *shape: int) -> Tensor:
+        return torch.randn(shape, generator=self._gen, dtype=torch.float64)
+
+    def _test(self, shape: tuple[int, ...], collapsed: bool) -> Val:
+        b = 1 if collapsed else shape[0]
+        if len(shape) == 4:
+            return Fact(self._randn(shape[1]), self._randn(b, 1, *shape[2:]))
+        return self._randn(b, *shape[1:])
+
+    def _one(self, shapes: Shapes, collapsed: bool) -> Shapes:
+        if not collapsed:
+            return shapes
+        return {n: (None if v is None else ((1, *v[0][1:]), torch.float64)) for n, v in shapes.items()}
+
+    # ------------------------------------------------------------------ checks
+    def _fail(self, layer: str, what: str) -> IntegrityError:
+        with self._lock:
+            self._stats["failures"] += 1
+        return IntegrityError(f"accelerator result for layer {layer!r} failed verification: {what}")
+
+    def _tensor_ok(self, layer: str, where: str, t: Any, spec: tuple[tuple[int, ...], torch.dtype] | None) -> None:
+        if t is None:
+            return
+        if not isinstance(t, Tensor):
+            raise self._fail(layer, f"{where} is a {type(t).__name__}, not a tensor")
+        if spec is None:
+            raise self._fail(layer, f"{where} should be absent (all-zero), got a tensor of shape {tuple(t.shape)}")
+        shape, dtype = spec
+        if tuple(t.shape) != tuple(shape):
+            raise self._fail(layer, f"{where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.dtype != dtype:
+            raise self._fail(layer, f"{where} has dtype {t.dtype}, expected {dtype}")
+        if not torch.isfinite(t).all():
+            raise self._fail(layer, f"{where} contains NaN or Inf")
+
+    def _compare(self, layer: str, what: str, lhs: float, rhs: float, norm2: float) -> None:
+        tol = self.rtol * math.sqrt(norm2) + 1e-30
+        if not abs(lhs - rhs) <= tol:
+            raise self._fail(layer, f"{what} fail the randomized check (projection {lhs:.6g} vs expected "
+                                    f"{rhs:.6g}, tolerance {tol:.3g})")
+
+    def _params(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        # conv/scale weights in float64 (small); linear weights stay as they are (may be large)
+        return {n: (p.detach() if p.dim() == 2 else p.detach().double()) for n, p in params.items()}
+
+    def check_forward(self, key: int, program: list[Instr], inputs: dict[str, int], params: dict[str, Tensor],
+                      outputs: list[str], result: Any, *, layer: str, keep_graph: bool) -> None:
+        """Verify a forward reply (``inputs`` maps program inputs to released handle ids)."""
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                xs = {n: self._released.get(h) for n, h in inputs.items()}
+            if any(x is None for x in xs.values()):
+                return  # released before verification was switched on
+            shapes, collapsed = self.shapes(program, xs, params)
+            if not isinstance(result, dict) or set(result) != set(outputs):
+                got = sorted(result) if isinstance(result, dict) else type(result).__name__
+                raise self._fail(layer, f"forward returned {got}, expected outputs {sorted(outputs)}")
+            for o in outputs:
+                self._tensor_ok(layer, f"forward output {o!r}", result[o], shapes.get(o))
+            P = self._params(params)
+            sh1 = self._one(shapes, collapsed)
+            ynorm = sum(_norm2(result[o]) for o in outputs)
+            for _ in range(self.rounds):
+                r = self._randn(shapes[next(iter(xs))][0][0]) if collapsed else None
+                seeds = {o: self._test(shapes[o][0], collapsed) for o in outputs if shapes.get(o) is not None}
+                adj = adjoint(program, P, seeds, sh1)
+                lhs = sum(_ip(seeds[o], result[o], r) for o in seeds)
+                rhs = sum(_ip(adj.get(n), x, r) for n, x in xs.items())
+                self._compare(layer, "forward outputs", lhs, rhs, ynorm)
+            if keep_graph:
+                rec = _Forward(program, dict(params), shapes, collapsed, layer)
+                cands = {i.args[0] for i in program if i.params and i.args and shapes.get(i.args[0]) is not None}
+                for n in cands:
+                    exps = []
+                    for _ in range(self.rounds):
+                        r = self._randn(shapes[n][0][0]) if collapsed else None
+                        s = self._test(shapes[n][0], collapsed)
+                        adj = adjoint(program, P, {n: s}, sh1)
+                        exps.append((r, s, sum(_ip(adj.get(m), x, r) for m, x in xs.items())))
+                    rec.value_exp[n] = exps
+                with self._lock:
+                    self._forwards[key] = rec
+        finally:
+            with self._lock:
+                self._stats["checks"] += 1
+                self._stats["seconds"] += time.perf_counter() - t0
+
+    def check_backward(self, key: int, request: BackwardRequest, result: Any) -> None:
+        """Verify a backward reply against the kept forward ``key`` and the released output gradients."""
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                rec = self._forwards.pop(key, None)
+                gids = {n: h.id for n, h in request.grad_outputs.items() if h is not None}
+                G = {n: self._released.pop(h, None) for n, h in gids.items()}
+            if rec is None or any(g is None for g in G.values()):
+                return  # forward not verified (verification switched on later)
+            layer, shapes, program, collapsed = rec.layer, rec.shapes, rec.program, rec.collapsed
+            sections = {"input_grads": request.input_grads, "param_grads": request.param_grads,
+                        "value_grads": request.value_grads, "values": request.values}
+            if not isinstance(result, dict) or set(result) != set(sections):
+                raise self._fail(layer, "backward result must have input_grads/param_grads/value_grads/values")
+            pspec = {n: (tuple(p.shape), p.dtype) for n, p in rec.params.items()}
+            for sect, names in sections.items():
+                got = result[sect]
+                if not isinstance(got, dict) or not set(got) <= set(names):
+                    raise self._fail(layer, f"backward {sect} has entries {sorted(got) if isinstance(got, dict) else got!r} "
+                                            f"that were not requested ({sorted(names)})")
+                for n, t in got.items():
+                    spec = pspec.get(n) if sect == "param_grads" else shapes.get(n)
+                    self._tensor_ok(layer, f"backward {sect}[{n!r}]", t, spec)
+            P = self._params(rec.params)
+            sh1 = self._one(shapes, collapsed)
+            B = next(s[0][0] for s in shapes.values() if s is not None)
+            # intermediate values (forward quantities returned with the backward)
+            vals = result["values"]
+            for n in request.values:
+                exps = rec.value_exp.get(n)
+                if exps is None:
+                    if vals.get(n) is not None:
+                        raise self._fail(layer, f"backward values[{n!r}] should be absent")
+                    continue
+                for r, s, exp in exps:
+                    self._compare(layer, f"values[{n!r}]", _ip(s, vals.get(n), r), exp, _norm2(vals.get(n)))
+            # input and intermediate gradients: ⟨S, δ⟩ = ⟨L S, G⟩
+            roots = {n: g for n, g in G.items() if shapes.get(n) is not None}
+            claimed = {("input_grads", n): result["input_grads"].get(n) for n in request.input_grads}
+            claimed.update({("value_grads", n): result["value_grads"].get(n) for n in request.value_grads})
+            claimed = {k: v for k, v in claimed.items() if shapes.get(k[1]) is not None}
+            if claimed:
+                gnorm = sum(_norm2(v) for v in claimed.values())
+                for _ in range(self.rounds):
+                    r = self._randn(B) if collapsed else None
+                    inj: dict[str, Val] = {}
+                    lhs = 0.0
+                    for (_sect, n), v in claimed.items():
+                        s = self._test(shapes[n][0], collapsed)
+                        inj[n] = _acc(inj.get(n), s)
+                        lhs += _ip(s, v, r)
+                    outs = forward_linear(program, P, inj, sh1)
+                    rhs = sum(_ip(outs.get(n), g, r) for n, g in roots.items())
+                    self._compare(layer, "input/intermediate gradients", lhs, rhs, gnorm)
+            # weight gradients: ⟨T, ∇W⟩ = Σ_uses ⟨δ_j, op(x_j, T)⟩ with verified δ_j, x_j
+            for p in request.param_grads:
+                gw = result["param_grads"].get(p)
+                uses = [i for i in program if p in i.params]
+                if any(i.op not in ("conv2d", "linear") or i.params[0] != p for i in uses):
+                    raise self._fail(layer, f"weight gradient of {p!r} cannot be verified (not a conv/linear weight)")
+                W = rec.params[p]
+                for _ in range(self.rounds):
+                    t = self._randn(W.shape[0])
+                    M = self._randn(*W.shape[1:])
+                    exp = 0.0
+                    for ins in uses:
+                        if shapes.get(ins.out) is None:
+                            continue
+                        d = result["value_grads"].get(ins.out) if ins.out in request.value_grads else None
+                        x = vals.get(ins.args[0]) if ins.args[0] in request.values else None
+                        if (ins.out not in request.value_grads) or (ins.args[0] not in request.values):
+                            raise self._fail(layer, f"weight gradient of {p!r} cannot be verified without the "
+                                                    "value and gradient at its op (request them)")
+                        if d is None or x is None:
+                            continue
+                        exp += self._wgrad_proj(ins, x, d, t, M)
+                    lhs = 0.0 if gw is None else float(torch.einsum("o...,o->...", gw.double(), t).mul(M).sum())
+                    self._compare(layer, f"weight gradient of {p!r}", lhs, exp, _norm2(gw))
+        finally:
+            with self._lock:
+                self._stats["checks"] += 1
+                self._stats["seconds"] += time.perf_counter() - t0
+
+    @staticmethod
+    def _wgrad_proj(ins: Instr, x: Tensor, d: Tensor, t: Tensor, M: Tensor) -> float:
+        if ins.op == "linear":
+            return float(((d.double() @ t) * (x.double() @ M)).sum())
+        kw = ins.kw
+        g = kw.get("groups", 1)
+        O = t.shape[0]
+        # T[o] = t[o]·M for every output channel; M correlates with the input channels of o's group
+        Mg = M.to(x.dtype).unsqueeze(0).expand(g, *M.shape).contiguous()
+        Z = F.conv2d(x, Mg, None, **kw)  # (B, g, H', W')
+        B = d.shape[0]
+        dt = torch.einsum("bgohw,go->bghw", d.reshape(B, g, O // g, *d.shape[2:]), t.to(d.dtype).view(g, O // g))
+        return float((dt.double() * Z.double()).sum())
+
+
+def wrap_future(fut: Any, check: Callable[[Any], None]) -> Any:
+    """A future resolving to ``fut``'s result once ``check(result)`` passed (its exception otherwise)."""
+    from concurrent.futures import Future
+
+    out: Future = Future()
+
+    def done(f: Any) -> None:
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+            return
+        res = f.result()
+        try:
+            check(res)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiter
+            out.set_exception(e)
+        else:
+            out.set_result(res)
+
+    fut.add_done_callback(done)
+    return out
