@@ -10,7 +10,7 @@ import sys
 
 from ..errors import AsymmlError
 
-SUBCOMMANDS = ("train", "eval", "bench", "privacy", "validate", "serve")
+SUBCOMMANDS = ("train", "eval", "bench", "privacy", "validate", "serve", "certs")
 
 
 def build_parser() -> argparse.ArgumentParser:
