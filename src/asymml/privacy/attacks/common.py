@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...api import split as _split
 from ...errors import ConfigError
 from ..noise import NoiseConfig, ReleaseMechanism
 
@@ -40,8 +41,17 @@ __all__ = [
     "PSNR_CAP",
     "psnr",
     "ssim",
+    "normalized_psnr",
+    "normalized_ssim",
+    "affine_fit",
+    "reidentification",
     "match_order",
+    "PRIVATE_SPLIT_DEFAULTS",
 ]
+
+PRIVATE_SPLIT_DEFAULTS: dict[str, Any] = {"warm_start": False, "basis": "sample"}
+"""Split options every noised mode uses: releases must depend on one sample each
+(:func:`asymml.privacy.sensitivity.check_independent`)."""
 
 ATTACK_MODES = ("plain", "noise-only", "asym", "asym+noise")
 _SPLIT_MODE = {"plain": "plain", "noise-only": "noise-only", "asym": "asym", "asym+noise": "asym"}
@@ -134,7 +144,7 @@ class LayerwiseNoise:
     Each layer gets its own :class:`~asymml.privacy.noise.ReleaseMechanism` (clip to ``clips[layer]``,
     add ``N(0, (sigma * clip)^2)``), so every release is still one Gaussian mechanism with multiplier
     ``sigma`` and the accounting of :mod:`asymml.privacy.accounting` applies unchanged. The noise comes
-    from the generator the (trusted) split runtime passes in, never from torch's global RNG.
+    from each mechanism's own secure generator (a fresh OS key per layer, never torch's global RNG).
     """
 
     def __init__(self, sigma: float, clips: Mapping[str, float], *, default_clip: float | None = None) -> None:
@@ -154,9 +164,13 @@ class LayerwiseNoise:
             m = self._mechs[layer] = ReleaseMechanism(NoiseConfig(sigma=self.sigma, clip=clip))
         return m
 
-    def __call__(self, r: Tensor, *, layer: str, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, r: Tensor, *, layer: str, generator: Any = None) -> Tensor:
         self.counts[layer] = self.counts.get(layer, 0) + 1
         return self._mech(layer)(r, layer=layer, generator=generator)
+
+    def multipliers_released(self) -> dict[str, float]:
+        """Noise multiplier of each layer released so far (all ``sigma``)."""
+        return {k: self.sigma for k in self.counts}
 
     @property
     def releases(self) -> int:
@@ -227,11 +241,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 def _record(model: nn.Module, split_mode: str, x: Tensor, y: Tensor | None, loss_fn: LossFn | None,
             split_kw: Mapping[str, Any]) -> NormRecorder:
-    import asymml
-
     rec = NormRecorder()
     m = copy.deepcopy(model)
-    sm = asymml.split(m, mode=split_mode, noise=rec, **split_kw)
+    sm = _split(m, mode=split_mode, noise=rec, **split_kw)
     if y is not None and loss_fn is not None:
         loss_fn(sm(x), y).backward()
     else:
@@ -288,15 +300,22 @@ def build_split(
     audit: bool = True,
     **split_kw: Any,
 ) -> Any:
-    """``asymml.split`` ``model`` in ``mode`` (noise: :class:`LayerwiseNoise` with ``clips``)."""
-    import asymml
+    """``asymml.split`` ``model`` in ``mode`` (noise: :class:`LayerwiseNoise` with ``clips``).
+
+    Noised modes get :data:`PRIVATE_SPLIT_DEFAULTS` (cold starts, per-sample bases) unless ``split_kw``
+    overrides them, and are checked with :func:`~asymml.privacy.sensitivity.check_independent`.
+    """
+    from ..sensitivity import check_independent
 
     noise = None
     if mode.noisy:
         if clips is None:
             raise ConfigError(f"mode {mode.name!r} needs calibrated clip bounds")
         noise = LayerwiseNoise(mode.sigma, clips)
-    return asymml.split(model, mode=mode.split_mode, noise=noise, audit=audit, **split_kw)
+        split_kw = {**PRIVATE_SPLIT_DEFAULTS, **split_kw}
+        check_independent(model, training=model.training, basis=split_kw["basis"], warm_start=split_kw["warm_start"],
+                          decomposition=split_kw.get("decomposition", "power"), rank=split_kw.get("rank"))
+    return _split(model, mode=mode.split_mode, noise=noise, audit=audit, **split_kw)
 
 
 # --------------------------------------------------------------------------- image metrics
@@ -327,6 +346,54 @@ def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     out = structural_similarity_index_measure(pred, target, data_range=data_range, reduction="none",
                                               kernel_size=max(k, 3))
     return out.reshape(-1)
+
+
+def affine_fit(pred: Tensor, target: Tensor) -> Tensor:
+    """``a * pred + b`` per image and channel, ``a, b`` least-squares fitted to ``target``, clamped to [0, 1].
+
+    Removes what a decoder trained on a few public photos cannot know -- each image's brightness, contrast
+    and colour balance -- so that the scores below measure the *structure* that leaked.  The fit uses the
+    target (an oracle), so normalised scores are an upper bound on what the reconstruction reveals.
+    """
+    p = pred.detach().double().flatten(2)
+    t = target.detach().double().flatten(2)
+    pc = p - p.mean(-1, keepdim=True)
+    tm = t.mean(-1, keepdim=True)
+    a = (pc * (t - tm)).sum(-1, keepdim=True) / pc.square().sum(-1, keepdim=True).clamp_min(1e-12)
+    return (a * pc + tm).clamp(0, 1).reshape(pred.shape).to(target.dtype)
+
+
+def normalized_psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR after :func:`affine_fit` (scale-invariant; a constant guess scores the image's
+    per-channel-mean PSNR, ``-10 log10(variance)``)."""
+    return psnr(affine_fit(pred, target), target)
+
+
+def normalized_ssim(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image SSIM after :func:`affine_fit` (scale-invariant)."""
+    return ssim(affine_fit(pred, target), target)
+
+
+def _standardize(x: Tensor) -> Tensor:
+    f = x.detach().double().flatten(2)
+    f = f - f.mean(-1, keepdim=True)  # per channel: colour balance does not count
+    f = f.flatten(1)
+    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def reidentification(recon: Tensor, candidates: Tensor, truth: Tensor | None = None) -> dict[str, float]:
+    """Does each reconstruction pick out its own private image among ``candidates``?
+
+    Similarity: correlation of the per-channel-centred images (scale-invariant).  ``truth[i]`` is the
+    index in ``candidates`` of ``recon[i]``'s image (default ``i``).  Returns ``accuracy`` (top-1),
+    ``top5``, ``chance`` (``1 / len(candidates)``) and ``candidates``.
+    """
+    if truth is None:
+        truth = torch.arange(len(recon))
+    sim = _standardize(recon) @ _standardize(candidates).T
+    ranks = (sim > sim.gather(1, truth.view(-1, 1))).sum(1)  # 0 = the right image is the most similar
+    return {"accuracy": float((ranks == 0).double().mean()), "top5": float((ranks < 5).double().mean()),
+            "chance": 1.0 / len(candidates), "candidates": float(len(candidates))}
 
 
 def match_order(recon: Tensor, target: Tensor) -> Tensor:

@@ -13,6 +13,21 @@ Protocol (all of it is what an honest-but-curious accelerator can do, SPEC §2):
 
 ``plain`` releases the raw input (layer ``"input"``), so the attack there must reach a high PSNR: a weak
 attack would make every mode look safe. ``baseline_psnr`` is the score of guessing the mean public patch.
+
+Scores that can fail (issue 9 item 5).  Plain PSNR is dominated by each image's colour and brightness,
+which a decoder trained on public photos cannot infer even when the release shows every edge, so it barely
+separates modes.  Each result therefore also has
+
+* ``npsnr`` / ``nssim`` -- PSNR / SSIM after a per-image, per-channel affine fit of the reconstruction to
+  the target (:func:`~.common.affine_fit`): scale-invariant, they measure the structure that leaked
+  (baseline: a flat image of the right colour, ``baseline_npsnr``);
+* ``reid`` -- re-identification: the fraction of reconstructions whose most correlated private image
+  (among all ``n_private``) is their own (chance ``1 / n_private``).
+
+The attacker's public set can be enlarged with every other offline image (:mod:`.public_data`), and
+:data:`JOINT` attacks all of a sample's forward releases at once (every released layer, upsampled to the
+image size and stacked as channels).  :func:`subspace_recovery` measures how well the accelerator recovers
+each sample's trusted basis ``span(U)`` from the residual's null space.
 """
 
 from __future__ import annotations
@@ -30,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError
-from .common import AttackMode, build_split, psnr, ssim
+from ...validate import fix
+from .common import AttackMode, build_split, normalized_psnr, normalized_ssim, psnr, reidentification, ssim
 
 __all__ = [
     "PhotoTask",
@@ -42,7 +58,13 @@ __all__ = [
     "train_decoder",
     "inversion_attack",
     "visualize_release",
+    "JOINT",
+    "joint_releases",
+    "subspace_recovery",
 ]
+
+JOINT = "joint"
+"""Pseudo-layer name: all of a sample's forward releases attacked jointly."""
 
 _FORWARD_KINDS = ("input", "residual", "activation")
 
@@ -65,13 +87,26 @@ class PhotoTask:
     """Public / private photo patches and the photo classifier whose training is attacked."""
 
     def __init__(self, *, patch_size: int = 32, public_per_image: int = 192, private_per_image: int = 64,
-                 model: str = "vgg11_bn", width: float = 0.25, rank: Any = "schedule", seed: int = 0) -> None:
+                 model: str = "vgg11_bn", width: float = 0.25, rank: Any = "schedule", seed: int = 0,
+                 extra_public: int = 0, group_norm: bool = True) -> None:
+        """``extra_public``: crops per extra offline image added to the attacker's public set (with
+        ``2 *`` that many digits and as many faces; 0: public photos only).  ``group_norm``: BatchNorm
+        swapped for GroupNorm (:func:`asymml.fix` ``privacy=True``), as noised modes require."""
         from ...data import PRIVATE_PHOTOS, PUBLIC_PHOTOS, load_photo_patches
+        from .public_data import extra_public_patches
 
         self.patch_size = patch_size
         self.model_name, self.width, self.rank, self.seed = model, width, rank, seed
+        self.group_norm = group_norm
         self.x_public, self.y_public = load_photo_patches(PUBLIC_PHOTOS, patch_size=patch_size,
                                                           per_image=public_per_image, seed=seed)
+        self.n_public_photos = len(self.x_public)
+        if extra_public > 0:
+            extra = extra_public_patches(patch_size, extra_public, digits=2 * extra_public, faces=extra_public,
+                                         seed=seed)
+            # labels of the extra patches are never used for training (only the attacker's forward passes)
+            self.x_public = torch.cat([self.x_public, extra])
+            self.y_public = torch.cat([self.y_public, torch.zeros(len(extra), dtype=torch.long)])
         self.x_private, y = load_photo_patches(PRIVATE_PHOTOS, patch_size=patch_size,
                                                per_image=private_per_image, seed=seed + 1)
         self.y_private = y + len(PUBLIC_PHOTOS)  # label = index in PHOTOS
@@ -86,7 +121,7 @@ class PhotoTask:
         for m in model.modules():  # out-of-place activations (same maths; the attacker's replica of the
             if getattr(m, "inplace", False):  # model is differentiated twice by the gradient-leakage attack)
                 m.inplace = False
-        return model
+        return fix(model, privacy=True) if self.group_norm else model
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
@@ -259,10 +294,18 @@ class InversionResult:
     originals: Tensor = field(repr=False)
     seen: Tensor = field(repr=False)
     reconstructions: Tensor = field(repr=False)
+    npsnr: float = float("nan")
+    nssim: float = float("nan")
+    baseline_npsnr: float = float("nan")
+    baseline_nssim: float = float("nan")
+    reid: float = float("nan")
+    reid_top5: float = float("nan")
+    reid_chance: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("mode", "layer", "psnr", "ssim", "baseline_psnr", "baseline_ssim",
-                                              "n_public", "n_private", "seconds")}
+                                              "npsnr", "nssim", "baseline_npsnr", "baseline_nssim", "reid",
+                                              "reid_top5", "reid_chance", "n_public", "n_private", "seconds")}
 
 
 def visualize_release(r: Tensor, size: tuple[int, int]) -> Tensor:
@@ -293,20 +336,83 @@ def inversion_attack(
     seed: int = 0,
     keep: int = 8,
 ) -> InversionResult:
-    """Train a decoder on ``capture``'s public releases of ``layer`` and score it on the private ones."""
-    if layer not in capture.private:
-        raise ConfigError(f"layer {layer!r} was not released in mode {mode_name!r} "
-                          f"(released: {', '.join(capture.private) or 'none'})")
+    """Train a decoder on ``capture``'s public releases of ``layer`` and score it on the private ones.
+
+    ``layer=JOINT`` attacks all captured layers of each sample together (:func:`joint_releases`).
+    """
     t0 = time.perf_counter()
-    dec, scale = train_decoder(capture.public[layer], capture.public_images, epochs=epochs, width=width, seed=seed)
-    rec = _decode(dec, scale, capture.private[layer])
+    if layer == JOINT:
+        public, private = joint_releases(capture)
+    else:
+        if layer not in capture.private:
+            raise ConfigError(f"layer {layer!r} was not released in mode {mode_name!r} "
+                              f"(released: {', '.join(capture.private) or 'none'})")
+        public, private = capture.public[layer], capture.private[layer]
+    dec, scale = train_decoder(public, capture.public_images, epochs=epochs, width=width, seed=seed)
+    rec = _decode(dec, scale, private)
     target = capture.private_images
     mean = capture.public_images.mean(0, keepdim=True).expand_as(target)
+    reid = reidentification(rec, target)
+    seen_src = capture.private[layer] if layer != JOINT else capture.private[next(iter(capture.private))]
     return InversionResult(
         mode=mode_name, layer=layer,
         psnr=float(psnr(rec, target).mean()), ssim=float(ssim(rec, target).mean()),
         baseline_psnr=float(psnr(mean, target).mean()), baseline_ssim=float(ssim(mean, target).mean()),
         n_public=len(capture.public_images), n_private=len(target), seconds=time.perf_counter() - t0,
-        originals=target[:keep].clone(), seen=visualize_release(capture.private[layer][:keep], target.shape[-2:]),
+        originals=target[:keep].clone(), seen=visualize_release(seen_src[:keep], target.shape[-2:]),
         reconstructions=rec[:keep].clone(),
+        npsnr=float(normalized_psnr(rec, target).mean()), nssim=float(normalized_ssim(rec, target).mean()),
+        baseline_npsnr=float(normalized_psnr(mean, target).mean()),
+        baseline_nssim=float(normalized_ssim(mean, target).mean()),
+        reid=reid["accuracy"], reid_top5=reid["top5"], reid_chance=reid["chance"],
     )
+
+
+def joint_releases(capture: ReleaseCapture) -> tuple[Tensor, Tensor]:
+    """``(public, private)``: every captured layer's releases of each sample, upsampled (bilinear) to the
+    image size, each layer divided by its public RMS, stacked as channels -- one input per sample."""
+    size = tuple(capture.public_images.shape[-2:])
+    layers = [k for k in capture.private if len(capture.private[k]) == len(capture.private_images)
+              and len(capture.public[k]) == len(capture.public_images)]
+    if not layers:
+        raise ConfigError("no layer released once per sample: nothing to attack jointly")
+
+    def stack(src: dict[str, Tensor], scales: dict[str, float]) -> Tensor:
+        parts = []
+        for k in layers:
+            t = src[k].float() / scales[k]
+            if t.dim() == 2:  # a flat release: one channel per feature would be too many; keep it as a map
+                t = t.reshape(len(t), 1, 1, -1)
+            parts.append(t if tuple(t.shape[-2:]) == size else
+                         F.interpolate(t, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(parts, 1)
+
+    scales = {k: float(capture.public[k].float().pow(2).mean().sqrt().clamp_min(1e-12)) for k in layers}
+    return stack(capture.public, scales), stack(capture.private, scales)
+
+
+def subspace_recovery(releases: Tensor, inputs: Tensor, rank: int, *, seed: int = 0) -> dict[str, float]:
+    """How well the accelerator recovers each sample's trusted basis ``span(U)`` from a release.
+
+    Without noise the released residual is ``R = (I - U U^T) X``, so ``U^T R = 0``: the ``rank``
+    eigenvectors of ``R R^T`` with the smallest eigenvalues estimate ``span(U)``.  Compared, per sample,
+    with the top-``rank`` left singular subspace of the input ``X`` (what ``U`` approximates): ``cos`` is
+    the mean cosine of the principal angles (1 = recovered exactly); ``cos_random`` is the same for a
+    uniformly random subspace (what an attacker gets by guessing).  ``releases`` and ``inputs`` are
+    ``(B, C, H, W)`` of the same layer (e.g. the input layer: ``inputs`` are the images).
+    """
+    if releases.shape != inputs.shape:
+        raise ConfigError(f"release shape {tuple(releases.shape)} != input shape {tuple(inputs.shape)}")
+    b, c = releases.shape[:2]
+    if not 0 < rank < c:
+        raise ConfigError(f"rank must be in [1, {c - 1}] for {c} channels (got {rank})")
+    r = releases.detach().double().reshape(b, c, -1)
+    x = inputs.detach().double().reshape(b, c, -1)
+    est = torch.linalg.eigh(r @ r.transpose(1, 2)).eigenvectors[..., :rank]  # smallest eigenvalues first
+    true = torch.linalg.svd(x, full_matrices=False).U[..., :rank]
+    cos = torch.linalg.svdvals(true.transpose(1, 2) @ est).mean(-1)
+    gen = torch.Generator().manual_seed(seed)
+    rand = torch.linalg.qr(torch.randn(b, c, rank, generator=gen, dtype=torch.float64)).Q
+    cos_rand = torch.linalg.svdvals(true.transpose(1, 2) @ rand).mean(-1)
+    return {"cos": float(cos.mean()), "cos_min": float(cos.min()), "cos_random": float(cos_rand.mean()),
+            "rank": float(rank), "channels": float(c), "samples": float(b)}
