@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import add_arguments
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="list what runs split / trusted for a model")
@@ -11,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--eval", action="store_true", help="validate in eval mode (BatchNorm becomes splittable)")
-    p.add_argument("--strict", action="store_true", help="fail on ops that are neither split nor known non-linear")
+    add_arguments(p, include=["strict"])  # --strict/--no-strict, defined once in SplitOptions
     p.set_defaults(func=run)
 
 
