@@ -45,6 +45,19 @@ class Executor(ABC):
     ledger: Ledger
     device: torch.device
 
+    # -- result verification (see asymml.executors.verify)
+    @property
+    def verify(self) -> bool:
+        """Whether every accelerator result is checked before use (executors that can verify override this)."""
+        return False
+
+    @verify.setter
+    def verify(self, on: bool) -> None:
+        if on:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{type(self).__name__} cannot verify accelerator results")
+
     # -- data that derives from private data
     @abstractmethod
     def release(self, tensor: Tensor, *, layer: str, kind: str) -> Handle:
