@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch.nn as nn
 
-from .decomposition import BASES, METHODS, RankPolicy, parse_rank
+from .decomposition import RankPolicy
 from .errors import ConfigError
 from .executors.base import Executor
 from .executors.local import LocalExecutor
+from .options import SplitOptions
 from .profiling import EPC_DEFAULT_BYTES
-from .runtime import BACKWARDS, MODES, SplitConfig, SplitModule
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"invalid {name} {value!r}; allowed: {', '.join(allowed)}")
-    return value
+from .runtime import SplitConfig, SplitModule
 
 
 def _mechanism(noise: Any) -> Any:
@@ -93,31 +89,34 @@ def split(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
-    _choice("mode", mode, MODES)
-    _choice("backward", backward, BACKWARDS)
-    _choice("decomposition", decomposition, METHODS)
-    _choice("basis", basis, BASES)
-    try:
-        policy = parse_rank(rank)
-        gpolicy = None if grad_rank is None else parse_rank(grad_rank)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if input_rank is not None and (isinstance(input_rank, bool) or not isinstance(input_rank, int) or input_rank < 1):
-        raise ConfigError(f"input_rank must be a positive integer or None, got {input_rank!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ConfigError(f"iters must be a positive integer, got {iters!r}")
-    if not isinstance(epc_bytes, int) or epc_bytes <= 0:
-        raise ConfigError(f"epc_bytes must be a positive integer, got {epc_bytes!r}")
+    options = SplitOptions(rank=rank, decomposition=decomposition, backward=backward, mode=mode, iters=iters,
+                           basis=basis, input_rank=input_rank, grad_rank=grad_rank, warm_start=warm_start,
+                           strict=strict, epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed, audit=audit)
+    return split_with_options(model, options, noise=noise, executor=executor)
+
+
+def split_with_options(model: nn.Module, options: SplitOptions, *, noise: Any = None,
+                       executor: Executor | None = None) -> SplitModule:
+    """:func:`split` for callers that hold a :class:`~asymml.options.SplitOptions` (training and bench
+    configs embed one): ``options`` are already validated; ``noise`` and ``executor`` are objects."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(options, SplitOptions):
+        raise ConfigError(f"options must be SplitOptions, got {type(options).__name__}")
     mech = _mechanism(noise)
-    if mech is not None and mode in ("plain", "trusted-only"):
-        raise ConfigError(f"noise has no effect in mode {mode!r}: use 'asym' or 'noise-only'")
+    if mech is not None and options.mode in ("plain", "trusted-only"):
+        raise ConfigError(f"noise has no effect in mode {options.mode!r}: use 'asym' or 'noise-only'")
     if executor is None:
         executor = LocalExecutor("cpu")
     if not isinstance(executor, Executor):
         raise ConfigError(f"executor must be an asymml Executor, got {type(executor).__name__}")
-    if audit:
+    if options.audit:
         executor.ledger.audit = True
-    cfg = SplitConfig(rank=policy, decomposition=decomposition, iters=iters, basis=basis, backward=backward,
-                      mode=mode, input_rank=input_rank, grad_rank=gpolicy, warm_start=warm_start, strict=strict,
-                      epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed)
-    return SplitModule(model, cfg, executor, mech)
+    return SplitModule(model, _runtime_config(options), executor, mech)
+
+
+def _runtime_config(options: SplitOptions) -> SplitConfig:
+    """The runtime's view of the options: rank specs resolved to policies."""
+    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(SplitConfig) if hasattr(options, f.name)}
+    values.update(rank=options.rank_policy, grad_rank=options.grad_rank_policy)
+    return SplitConfig(**values)
