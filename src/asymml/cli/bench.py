@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..options import add_arguments
+
 
 def _csv(kind: type = str):
     def parse(s: str) -> list[Any]:
@@ -57,15 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--width", type=float, default=1.0, help="channel width multiplier of CIFAR-style models [default: 1]")
     g.add_argument("--optimizer-step", action="store_true", help="include an SGD step in each training step")
     s = p.add_argument_group("split settings")
-    s.add_argument("--rank", default="schedule",
-                   help="int, list 2,4,8, schedule[:S:G:CAP], adaptive[:TAU[:MAX]] [default: schedule]")
-    s.add_argument("--decomposition", default="power", choices=("power", "eigh", "svd", "rsvd"),
-                   help="[default: power]")
-    s.add_argument("--iters", type=int, default=2, help="power-iteration rounds [default: 2]")
-    s.add_argument("--basis", default="sample", choices=("sample", "batch"), help="[default: sample]")
-    s.add_argument("--input-rank", default="1", help="rank of the raw input, 'none': use --rank [default: 1]")
-    s.add_argument("--grad-rank", default=None, help="rank of gradient decompositions (protected backward)")
-    s.add_argument("--no-warm-start", action="store_true", help="do not warm-start power iterations")
+    # defined once in asymml.options.SplitOptions (--warm-start/--no-warm-start, ...)
+    add_arguments(s, include=("rank", "decomposition", "iters", "basis", "input_rank", "grad_rank", "warm_start"))
     s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode [default: 1]")
     s.add_argument("--asym-sigma", type=float, default=None,
                    help="also noise asym's releases (default: no noise)")
@@ -104,12 +99,11 @@ def _config(args: argparse.Namespace):
     from ..bench import BenchConfig
 
     phases = ("train", "infer") if args.phase == "both" else (args.phase,)
-    ir = None if str(args.input_rank).lower() == "none" else int(args.input_rank)
     return BenchConfig(
         models=_flat(args.model, ["resnet20"]), input_sizes=_flat(args.input_size, [32]),
         batch_sizes=_flat(args.batch_size, [32]), phases=phases, modes=tuple(args.modes),
         backwards=tuple(args.backward), rank=args.rank, decomposition=args.decomposition, iters=args.iters,
-        basis=args.basis, input_rank=ir, grad_rank=args.grad_rank, warm_start=not args.no_warm_start,
+        basis=args.basis, input_rank=args.input_rank, grad_rank=args.grad_rank, warm_start=args.warm_start,
         repeats=args.repeats, warmup=args.warmup, device=args.device, speed_ratio=args.speed_ratio,
         noise_sigma=args.noise_sigma, clip=args.clip, asym_sigma=args.asym_sigma,
         epc_bytes=int(args.epc_mib * 2**20), num_classes=args.num_classes, width=args.width,
