@@ -48,6 +48,32 @@ def _svd_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
     return _batch(a_shape) * (4 * m * n * n + 8 * n**3)
 
 
+@register_flop_formula(torch.ops.aten.linalg_cholesky_ex)
+def _cholesky_flop(a_shape, *args, out_shape=None, **kwargs) -> int:
+    n = a_shape[-1]
+    return _batch(a_shape) * (n**3 // 3)  # n³/6 multiply-adds (Golub & Van Loan, Alg. 4.2.1)
+
+
+@register_flop_formula(torch.ops.aten.linalg_solve_triangular)
+def _trsm_flop(a_shape, b_shape, *args, out_shape=None, left: bool = True, **kwargs) -> int:
+    # solving A X = B (left) or X A = B with A triangular n×n and k right-hand sides: n²k/2 multiply-adds
+    n = a_shape[-1]
+    k = b_shape[-1] if left else b_shape[-2]
+    return max(_batch(a_shape), _batch(b_shape)) * n * n * k
+
+
+@register_flop_formula(torch.ops.aten.triangular_solve)
+def _triangular_solve_flop(b_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
+    n = a_shape[-1]
+    return max(_batch(a_shape), _batch(b_shape)) * n * n * b_shape[-1]
+
+
+@register_flop_formula(torch.ops.aten.cholesky_solve)
+def _cholesky_solve_flop(b_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
+    n = a_shape[-1]
+    return max(_batch(a_shape), _batch(b_shape)) * 2 * n * n * b_shape[-1]  # two triangular solves
+
+
 def _t(shape: Any) -> list[int]:
     return [shape[1], shape[0], *shape[2:]]
 
@@ -101,6 +127,7 @@ class TrustedMemoryMeter(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self._public: set[int] = set()
+        self._refs: dict[int, weakref.ref] = {}
 
     def _track(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
@@ -109,20 +136,37 @@ class TrustedMemoryMeter(TorchDispatchMode):
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return
+        self.add_storage(st)
+
+    def add_storage(self, st: torch.UntypedStorage) -> None:
+        """Count a (CPU) storage until it is freed: e.g. a persistent cache created before the meter."""
         key = st.data_ptr()
-        if key == 0 or key in self.live or key in self._public:
+        if key == 0 or key in self.live or key in self._public or st.device.type != "cpu":
             return
         nbytes = st.nbytes()
         self.live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        self._refs[key] = weakref.ref(st)
         weakref.finalize(st, self._free, key)
+
+    def live_storages(self) -> list[torch.UntypedStorage]:
+        """The storages this meter counts that are still alive (what survived the metered steps: persistent
+        caches such as weight re-layouts and warm-start bases, when metered over whole steps)."""
+        out = []
+        for key in list(self.live):
+            ref = self._refs.get(key)
+            st = None if ref is None else ref()
+            if st is not None:
+                out.append(st)
+        return out
 
     def _free(self, key: int) -> None:
         n = self.live.pop(key, None)
         if n is not None:
             self.current -= n
         self._public.discard(key)
+        self._refs.pop(key, None)
 
     def add(self, t: torch.Tensor) -> None:
         """Count a tensor created outside the meter (e.g. the input batch)."""

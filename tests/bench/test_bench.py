@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import statistics
 
 import pytest
 import torch
 from torch.nn.grad import conv2d_weight
 from torch.utils.flop_counter import FlopCounterMode
 
+import asymml
 from asymml.bench import (
     BenchConfig,
     analytic_fwd_conv_limit,
@@ -28,12 +31,21 @@ from asymml.cli.main import main
 
 RUN_FIELDS = ("model", "input_size", "batch_size", "mode", "backward", "phase", "trusted_s", "accelerator_s",
               "step_s", "trusted_flops", "total_flops", "trusted_peak_bytes", "released_bytes")
-DERIVED_FIELDS = ("trusted_speedup", "limit", "efficiency", "asym_vs_plain", "projected_speedup")
+DERIVED_FIELDS = ("trusted_speedup", "limit", "efficiency", "asym_vs_plain", "projected_speedup", "limit_roofline",
+                  "efficiency_roofline", "projected_sgx1_speedup")
+
+
+CAL = {"conv_gflops": 50.0, "mem_gbps": 5.0, "conv_gflops_nchw": 40.0, "conv_gflops_channels_last": 50.0,
+       "threads": 1}
+
+
+# force splitting where the runtime has a cost-aware placement (it would keep these tiny layers trusted)
+PLACEMENT = "split" if "placement" in inspect.signature(asymml.split).parameters else None
 
 
 def _tiny(**kw) -> BenchConfig:
-    base = dict(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, repeats=2, warmup=1,
-                device="cpu")
+    base = dict(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, repeats=2, rounds=3, warmup=1,
+                device="cpu", calibration=CAL, placement=PLACEMENT)
     base.update(kw)
     return BenchConfig(**base)
 
@@ -50,7 +62,10 @@ def test_runs_have_every_field_and_mode(result: dict) -> None:
             assert k in r, k
         assert r["phase"] in ("train", "infer")
         assert r["step_s"] > 0 and r["trusted_s"] >= 0 and r["accelerator_s"] >= 0
-        assert len(r["samples"]["step_s"]) == 2
+        # paired modes run every round, context modes (plain, noise-only) the first `repeats` rounds
+        assert len(r["samples"]["step_s"]) == (3 if r["mode"] in ("trusted-only", "asym") else 2)
+        assert r["rounds"] == 3 and r["serialized"] is True  # a CPU accelerator serializes by default
+        assert r["optimizer_step"] is (r["phase"] == "train")
         assert r["spread"]["step_s"]["min"] <= r["step_s"] <= r["spread"]["step_s"]["max"]
     train = {(r["mode"], r["backward"]) for r in runs if r["phase"] == "train"}
     assert train == {("plain", None), ("trusted-only", None), ("asym", "protected"), ("asym", "paper"),
@@ -97,15 +112,27 @@ def test_derived_formulas(result: dict) -> None:
         to = runs[(d["phase"], "trusted-only", None)]
         pl = runs[(d["phase"], "plain", None)]
         a = runs[(d["phase"], "asym", d["backward"])]
-        assert d["trusted_speedup"] == pytest.approx(to["trusted_s"] / a["trusted_s"])
+        ratios = [t / v for t, v in zip(to["samples"]["trusted_s"], a["samples"]["trusted_s"])]
+        assert to["samples"]["round"] == a["samples"]["round"] == [0, 1, 2]
+        assert d["trusted_speedup"] == pytest.approx(statistics.median(ratios))  # paired, per round
+        assert d["trusted_speedup_rounds"] == 3
+        lo, hi = d["trusted_speedup_ci95"]
+        assert min(ratios) <= lo <= d["trusted_speedup"] <= hi <= max(ratios)
+        assert d["trusted_speedup_ratio_of_medians"] == pytest.approx(to["trusted_s"] / a["trusted_s"])
+        assert d["limit_roofline"] == pytest.approx(to["roofline_s"] / a["roofline_s"])
+        assert d["efficiency_roofline"] == pytest.approx(d["trusted_speedup"] / d["limit_roofline"])
+        assert d["projected_sgx1_speedup"] == pytest.approx(
+            to["sgx1"]["projected_trusted_s"] / a["sgx1"]["projected_trusted_s"])
         assert d["limit"] == pytest.approx(a["total_flops"] / a["trusted_flops"])
         assert d["efficiency"] == pytest.approx(d["trusted_speedup"] / d["limit"])
         assert d["asym_vs_plain"] == pytest.approx(a["step_s"] / pl["step_s"])
         assert d["projected_speedup"] == pytest.approx(
             to["trusted_s"] / max(a["trusted_s"], a["accelerator_s"] / d["speed_ratio"]))
         assert d["speed_ratio"] == 10
-    for k in ("trusted_speedup", "limit", "efficiency", "projected_speedup", "asym_vs_plain"):
+    for k in ("trusted_speedup", "limit", "efficiency", "projected_speedup", "asym_vs_plain", "limit_roofline",
+              "efficiency_roofline", "projected_sgx1_speedup", "roofline_s"):
         assert k in result["definitions"]
+    assert "PROJECTION" in result["definitions"]["projected_sgx1_speedup"]
     json.dumps(result)  # serialisable as is
 
 
@@ -114,6 +141,7 @@ def test_markdown_lists_every_run(result: dict) -> None:
     n_split = sum(r["mode"] in ("asym", "noise-only") for r in result["runs"])  # trusted-time breakdown rows
     assert md.count("| vgg11 |") == len(result["runs"]) + len(result["derived"]) + n_split
     assert "projected speed-up (ratio 10)" in md
+    assert "projected SGX1 speed-up (projection, not measured)" in md and "limit (roofline)" in md
 
 
 def test_formula_helpers() -> None:
@@ -186,8 +214,8 @@ def test_sweep_and_slopes() -> None:
 def test_cli_writes_json_markdown_and_png(tmp_path, capsys) -> None:
     out = tmp_path / "b.json"
     rc = main(["bench", "--model", "vgg11", "--width", "0.125", "--input-size", "8", "--batch-size", "2",
-               "--phase", "infer", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--quiet",
-               "--speed-ratio", "4", "--json", str(out)])
+               "--phase", "infer", "--repeats", "1", "--rounds", "2", "--warmup", "0", "--device", "cpu",
+               "--quiet", "--speed-ratio", "4", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert {r["phase"] for r in data["runs"]} == {"infer"}
@@ -196,6 +224,19 @@ def test_cli_writes_json_markdown_and_png(tmp_path, capsys) -> None:
     assert (tmp_path / "b.md").read_text().startswith("## asymml bench")
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "| vgg11 |" in capsys.readouterr().out
+    env = data["environment"]
+    cal = env["roofline_calibration"]
+    assert cal["conv_gflops"] >= max(cal["conv_gflops_nchw"], cal["conv_gflops_channels_last"]) > 0
+    assert cal["mem_gbps"] > 0 and env["serialized"] is True
+    for k in ("loadavg_before", "loadavg_after", "busy", "omp_wait_policy", "omp_num_threads", "torch_threads"):
+        assert k in env
+    # a second run reuses the stored calibration instead of measuring again
+    out2 = tmp_path / "c.json"
+    assert main(["bench", "--model", "vgg11", "--width", "0.125", "--input-size", "8", "--batch-size", "2",
+                 "--phase", "infer", "--modes", "trusted-only,asym", "--rounds", "2", "--warmup", "0",
+                 "--device", "cpu", "--quiet", "--plot", "none", "--calibration", str(out), "--json",
+                 str(out2)]) == 0
+    assert json.loads(out2.read_text())["environment"]["roofline_calibration"] == cal
 
 
 def test_cli_rejects_bad_options(capsys) -> None:
@@ -217,7 +258,7 @@ def test_attribution_labels_engine_and_restores_it() -> None:
 
     before = (vars(rules.Conv2dRule)["trusted_forward"], runtime.decompose, vars(runtime.SplitModule)["_run_trusted"])
     model, _, _ = build_model("vgg11", 8, width=0.125)
-    sm = asymml.split(model, mode="asym")
+    sm = asymml.split(model, mode="asym", **({"placement": PLACEMENT} if PLACEMENT else {}))
     x = torch.randn(2, 3, 8, 8)
     sm(x).sum().backward()
     att = attribute(lambda: sm(x).sum().backward())
@@ -236,10 +277,13 @@ def test_serialized_measurement_has_no_overlap() -> None:
     res = run_bench(_tiny(modes=("asym",), backwards=("protected",), repeats=1, warmup=0, serialize=True),
                     log=lambda s: None)
     for r in res["runs"]:
-        assert r["serialized"] is True
-        # every accelerator job starts only once the trusted side waits for it
-        assert r["blocked_s"] >= r["accelerator_s"] - 1e-3
-        assert r["step_s"] == pytest.approx(r["trusted_s"] + r["blocked_s"])
+        assert r["serialized"] is True and r["round_trips"] > 0
+        sm = r["samples"]
+        for step, trusted, blocked, accel in zip(sm["step_s"], sm["trusted_s"], sm["blocked_s"], sm["accelerator_s"]):
+            # every accelerator job starts only once the trusted side waits for it (blocked is the bench's own
+            # measurement, around the executor's futures)
+            assert blocked >= accel - 1e-3
+            assert step == pytest.approx(trusted + blocked)
 
 
 def test_deferred_pool_runs_jobs_in_order_on_demand() -> None:

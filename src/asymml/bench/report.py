@@ -27,39 +27,63 @@ def markdown(result: Mapping[str, Any]) -> str:
     """Three tables (runs, derived figures, trusted-time breakdown) and the definitions used."""
     runs = result["runs"]
     env = result.get("environment", {})
+    serialized = env.get("serialized", result.get("config", {}).get("serialize"))
+    load = env.get("loadavg_before", env.get("loadavg_1min"))
     out = [f"## asymml bench — accelerator `{env.get('accelerator', '?')}`, torch {env.get('torch', '?')}, "
            f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
-           + (", serialized (no trusted/accelerator overlap)" if result.get("config", {}).get("serialize") else "")
-           + (f", load average {env['loadavg_1min']:.1f}" if env.get("loadavg_1min") is not None else ""), ""]
+           + (", serialized (no trusted/accelerator overlap)" if serialized else "")
+           + (f", load average {load:.1f}" if load is not None else "")
+           + (f" → {env['loadavg_after']:.1f}" if env.get("loadavg_after") is not None else "")
+           + f", OMP_NUM_THREADS={env.get('omp_num_threads')}, OMP_WAIT_POLICY={env.get('omp_wait_policy')}", ""]
+    cal = env.get("roofline_calibration")
+    if cal:
+        out += [f"Roofline calibration: dense conv {cal['conv_gflops']:.0f} GFLOP/s (NCHW {cal['conv_gflops_nchw']:.0f}, "
+                f"channels_last {cal['conv_gflops_channels_last']:.0f}), memory pass {cal['mem_gbps']:.1f} GB/s.", ""]
+    for w in result.get("warnings", []):
+        out += [f"**WARNING**: {w}", ""]
     sweep = any(r.get("sweep_value") is not None for r in runs)
     sv_h = "| sweep " if sweep else ""
-    out += [f"{sv_h}| model | input | batch | phase | mode | trusted ms | accel ms | step ms | "
-            "trusted GFLOP | trusted FLOP % | trusted peak MiB | resident MiB / EPC | released MiB/step |",
-            "|" + "---|" * (13 + sweep)]
+    out += [f"{sv_h}| model | input | batch | phase | mode | steps | trusted ms | accel ms | step ms | "
+            "trusted GFLOP | trusted FLOP % | roofline ms (% of trusted) | trusted peak MiB (persistent) | "
+            "resident MiB / EPC | released MiB/step | SGX1 projected trusted ms |",
+            "|" + "---|" * (16 + sweep)]
     for r in runs:
         sv = f"| {r.get('sweep_value')} " if sweep else ""
         frac = r.get("trusted_flop_fraction")
+        roof, rfrac = r.get("roofline_s"), r.get("roofline_fraction")
+        sgx = (r.get("sgx1") or {}).get("projected_trusted_s")
         out.append(
             f"{sv}| {r['model']} | {r['input_size']} | {r['batch_size']} | {r['phase']} | {r['label']} | "
+            f"{r.get('n_samples', len(r.get('samples', {}).get('step_s', [])))} | "
             f"{1e3 * r['trusted_s']:.1f}{_iqr(r, 'trusted_s')} | {1e3 * r['accelerator_s']:.1f} | "
             f"{1e3 * r['step_s']:.1f}{_iqr(r, 'step_s')} | {r['trusted_flops'] / 1e9:.3f} | "
-            f"{_f(None if frac is None else 100 * frac, '.1f')} | {r['trusted_peak_bytes'] / MiB:.1f} | "
+            f"{_f(None if frac is None else 100 * frac, '.1f')} | "
+            f"{_f(None if roof is None else 1e3 * roof, '.1f')}"
+            f"{'' if rfrac is None else f' ({100 * rfrac:.0f}%)'} | {r['trusted_peak_bytes'] / MiB:.1f}"
+            f" ({r.get('persistent_bytes', 0) / MiB:.1f}) | "
             f"{r['trusted_resident_bytes'] / MiB:.1f} / {r['epc_bytes'] / MiB:.0f}"
-            f"{'' if r['resident_within_epc'] else ' ⚠'} | {r['released_bytes'] / MiB:.2f} |"
+            f"{'' if r['resident_within_epc'] else ' ⚠'} | {r['released_bytes'] / MiB:.2f} | "
+            f"{_f(None if sgx is None else 1e3 * sgx, '.1f')} (projection) |"
         )
     der = result.get("derived", [])
     if der:
         ratio = der[0].get("speed_ratio")
-        out += ["", f"{sv_h}| model | input | batch | phase | backward | trusted speed-up | limit (FLOPs) | "
-                f"efficiency | fwd-conv limit (analytic) | asym ÷ plain | e2e speed-up | "
-                f"projected speed-up (ratio {ratio:g}) |", "|" + "---|" * (12 + sweep)]
+        out += ["", f"{sv_h}| model | input | batch | phase | asym | trusted speed-up [95% CI] (rounds) | "
+                f"limit (FLOPs) | efficiency | limit (roofline) | efficiency (roofline) | "
+                f"fwd-conv limit (analytic) | asym ÷ plain | e2e speed-up | projected speed-up (ratio {ratio:g}) | "
+                f"projected SGX1 speed-up (projection, not measured) |", "|" + "---|" * (15 + sweep)]
         for d in der:
             sv = f"| {d.get('sweep_value')} " if sweep else ""
+            ci = d.get("trusted_speedup_ci95")
+            ci_s = "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+            name = d.get("label") or (d["backward"] or "asym")
             out.append(
-                f"{sv}| {d['model']} | {d['input_size']} | {d['batch_size']} | {d['phase']} | "
-                f"{d['backward'] or '–'} | {_f(d['trusted_speedup'])}× | {_f(d['limit'])}× | "
-                f"{_f(d['efficiency'])} | {_f(d['limit_fwd_conv_analytic'])}× | {_f(d['asym_vs_plain'])} | "
-                f"{_f(d['end_to_end_speedup'])}× | {_f(d['projected_speedup'])}× |"
+                f"{sv}| {d['model']} | {d['input_size']} | {d['batch_size']} | {d['phase']} | {name} | "
+                f"{_f(d['trusted_speedup'])}×{ci_s} ({d.get('trusted_speedup_rounds', '–')}) | "
+                f"{_f(d['limit'])}× | {_f(d['efficiency'])} | {_f(d.get('limit_roofline'))}× | "
+                f"{_f(d.get('efficiency_roofline'))} | {_f(d['limit_fwd_conv_analytic'])}× | "
+                f"{_f(d['asym_vs_plain'])} | {_f(d['end_to_end_speedup'])}× | {_f(d['projected_speedup'])}× | "
+                f"{_f(d.get('projected_sgx1_speedup'))}× (projection) |"
             )
     split = [r for r in runs if r["mode"] in ("asym", "noise-only") and r.get("breakdown")]
     if split:

@@ -74,6 +74,8 @@ def run_sweep(cfg: BenchConfig, param: str, values: list[int],
             c = dataclasses.replace(base, input_sizes=[v])
         else:
             c = dataclasses.replace(base, rank=str(v))
+        if result is not None and c.calibration is None:  # calibrate the machine once per sweep
+            c = dataclasses.replace(c, calibration=result["environment"]["roofline_calibration"])
         res = run_bench(c, log)
         for r in res["runs"]:
             r["sweep_param"] = param
@@ -86,6 +88,8 @@ def run_sweep(cfg: BenchConfig, param: str, values: list[int],
         else:
             result["runs"].extend(res["runs"])
             result["derived"].extend(res["derived"])
+            result["warnings"] = result.get("warnings", []) + [w for w in res.get("warnings", [])
+                                                               if w not in result.get("warnings", [])]
     assert result is not None
     result["sweep"] = {"param": param, "values": values, "series": series(result["runs"])}
     return result

@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-classes", type=int, default=None,
                    help="default: 10 (CIFAR-style), 1000 (torchvision)")
     g.add_argument("--width", type=float, default=1.0, help="channel width multiplier of CIFAR-style models [default: 1]")
-    g.add_argument("--optimizer-step", action="store_true", help="include an SGD step in each training step")
+    g.add_argument("--optimizer-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="include an SGD step in each training step [default: on]")
     s = p.add_argument_group("split settings")
     # defined once in asymml.options.SplitOptions (--warm-start/--no-warm-start, ...)
     add_arguments(s, include=("rank", "decomposition", "iters", "basis", "input_rank", "grad_rank", "warm_start"))
@@ -65,8 +66,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--asym-sigma", type=float, default=None,
                    help="also noise asym's releases (default: no noise)")
     s.add_argument("--clip", type=float, default=1.0, help="per-sample clip bound of noised releases [default: 1]")
+    s.add_argument("--placement", default=None, choices=("auto", "split", "trusted"),
+                   help="where layers run in asym / noise-only: auto (the runtime's cost model), split (every "
+                        "splittable layer), trusted [default: the runtime's default]")
+    s.add_argument("--verify", action="store_true",
+                   help="add an asym instance with the runtime's accelerator-result verification on (skipped "
+                        "with a note if the runtime has none)")
+    s.add_argument("--noise", type=float, default=None, metavar="SIGMA",
+                   help="add an asym instance whose releases carry Gaussian noise of this sigma, beside noise off")
     m = p.add_argument_group("measurement")
-    m.add_argument("--repeats", type=int, default=5, help="timed steps per mode; median and IQR reported [default: 5]")
+    m.add_argument("--repeats", type=int, default=5,
+                   help="timed steps of the context modes (plain, noise-only) and the minimum number of rounds "
+                        "[default: 5]")
+    m.add_argument("--rounds", type=int, default=None,
+                   help="paired rounds (trusted-only and asym, shuffled per round; speed-up = median of per-round "
+                        "ratios with a bootstrap 95%% interval) [default: max(15, repeats), more for small models "
+                        "while a phase's paired steps fit in 20 s]")
     m.add_argument("--warmup", type=int, default=1, help="un-timed steps per mode first [default: 1]")
     m.add_argument("--device", default="auto",
                    help="accelerator device: auto (cuda if present), cpu, cuda[:N] [default: auto]")
@@ -78,9 +93,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--layers", action="store_true",
                    help="add per-layer profiles of the split modes to the JSON")
-    m.add_argument("--serialize", action="store_true",
+    m.add_argument("--serialize", action=argparse.BooleanOptionalAction, default=None,
                    help="run each accelerator job only when the trusted side waits for it: no overlap, so "
-                        "per-side times are free of CPU contention (for CPU accelerators); step = sum")
+                        "per-side times are free of CPU contention; step = sum [default: on with a CPU "
+                        "accelerator, off otherwise]")
+    m.add_argument("--calibration", default=None, metavar="FILE",
+                   help="reuse the roofline calibration of an earlier bench JSON (environment."
+                        "roofline_calibration) instead of measuring it")
+    m.add_argument("--sgx-weights-in-epc", action="store_true",
+                   help="SGX1 projection: keep parameters inside the EPC (default: public, outside)")
     m.add_argument("--attribute", action="store_true",
                    help="profile one extra step per mode and split its trusted time by engine function and op kind")
     m.add_argument("--sweep", default=None, metavar="PARAM=V1,V2,…",
@@ -108,8 +129,26 @@ def _config(args: argparse.Namespace):
         noise_sigma=args.noise_sigma, clip=args.clip, asym_sigma=args.asym_sigma,
         epc_bytes=int(args.epc_mib * 2**20), num_classes=args.num_classes, width=args.width,
         optimizer_step=args.optimizer_step, seed=args.seed, layers=args.layers,
-        attribute=args.attribute, serialize=args.serialize,
+        attribute=args.attribute, serialize=args.serialize, rounds=args.rounds, verify=args.verify,
+        noise=args.noise, calibration=_calibration(args.calibration),
+        sgx_weights_in_epc=args.sgx_weights_in_epc, placement=args.placement,
     )
+
+
+def _calibration(path: str | None) -> dict[str, Any] | None:
+    """The roofline calibration stored in an earlier bench JSON (or a bare calibration object)."""
+    from ..errors import ConfigError
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a calibration from {path!r}: {e}") from None
+    cal = data.get("environment", {}).get("roofline_calibration", data) if isinstance(data, dict) else None
+    if not isinstance(cal, dict) or not {"conv_gflops", "mem_gbps"} <= set(cal):
+        raise ConfigError(f"{path!r} holds no roofline calibration (conv_gflops, mem_gbps)")
+    return cal
 
 
 def run(args: argparse.Namespace) -> int:
