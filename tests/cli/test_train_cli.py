@@ -52,7 +52,23 @@ def test_train_writes_every_output(run_dir: Path) -> None:
         assert (run_dir / name).is_file(), name
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["config"]["mode"] == "asym" and s["dataset"]["train_samples"] == 128
-    assert "epsilon" not in s  # noise off
+    priv = s["privacy"]  # noise off: no epsilon, and the summary says why
+    assert priv["epsilon"] is None and priv["covers"] == [] and "no noise" in priv["notes"][0]
+
+
+def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "-h"])
+    out = capsys.readouterr().out
+    assert "``" not in out
+    blocks = out.split("\n  --")
+    assert all(b.count("(default") <= 1 for b in blocks), [b for b in blocks if b.count("(default") > 1]
+    with pytest.raises(SystemExit):
+        main(["train", "-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("tcp://HOST:PORT", "unix:///PATH", "--request-timeout", "--tls-cert", "--tls-key", "--tls-ca",
+                 "--checkpoint-every-steps", "--checkpoint-every-minutes", "--update-clip"):
+        assert text in out, text
 
 
 @pytest.mark.parametrize("mode", ["asym", "plain", "trusted-only", "noise-only"])
@@ -77,6 +93,10 @@ def test_resume_continues_and_config_file_options(run_dir: Path, tmp_path: Path,
     s = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert s["epochs_completed"] == 2 and len(s["history"]) == 2 and s["config"]["log_every"] == 2
     assert "resuming at epoch 2" in capsys.readouterr().out
+
+
+def test_batch_size_larger_than_the_training_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _error(capsys, ["train", *TINY, "--batch-size", "5000", "--out", str(tmp_path)], "larger than the training set")
 
 
 def test_bad_option_values(capsys: pytest.CaptureFixture[str]) -> None:

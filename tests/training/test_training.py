@@ -52,9 +52,18 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted asym run with noise and an adaptive clip (2 epochs, 16 steps)."""
+    """An uninterrupted asym run without noise (2 epochs, 16 steps): what resumed runs must equal bit for bit
+    (a noised run cannot: a resumed run draws fresh noise by design)."""
     out = tmp_path_factory.mktemp("ref")
-    summary, losses = _run(out, epochs=2, noise=0.05, clip="auto")
+    summary, losses = _run(out, epochs=2)
+    return {"out": out, "summary": summary, "losses": losses}
+
+
+@pytest.fixture(scope="module")
+def noised(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A release-noised run with an adaptive clip (not accounted end to end: no DP on updates)."""
+    out = tmp_path_factory.mktemp("noised")
+    summary, losses = _run(out, epochs=1, noise=0.05, clip="auto", limit_train=64)
     return {"out": out, "summary": summary, "losses": losses}
 
 
@@ -75,19 +84,32 @@ def test_summary_has_every_promised_field(reference: dict[str, Any]) -> None:
     out, s = reference["out"], reference["summary"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["test_accuracy"] == s["test_accuracy"]
-    for key in ("config", "test_accuracy", "best_test_accuracy", "epoch_seconds", "time_split", "epsilon",
-                "delta", "privacy", "history", "status", "train_loss", "files"):
+    for key in ("config", "test_accuracy", "best_test_accuracy", "epoch_seconds", "time_split", "privacy",
+                "history", "status", "train_loss", "files", "accelerator"):
         assert key in on_disk, key
-    assert on_disk["config"]["model"] == "vgg11_bn" and on_disk["config"]["noise"] == 0.05
+    assert on_disk["config"]["model"] == "vgg11_bn" and on_disk["config"]["noise"] is None
     assert len(on_disk["epoch_seconds"]) == 2 and all(t > 0 for t in on_disk["epoch_seconds"])
     split = on_disk["time_split"]
     assert split["trusted_s"] > 0 and split["accelerator_s"] > 0
     assert 0 <= on_disk["test_accuracy"] <= on_disk["best_test_accuracy"] <= 1
-    assert isinstance(on_disk["epsilon"], float) and on_disk["epsilon"] > 0
-    assert on_disk["privacy"]["accountant"]["steps"] == 16
-    assert any("adaptive clip" in n for n in on_disk["privacy"]["notes"])
+    priv = on_disk["privacy"]
+    assert set(priv) == {"epsilon", "delta", "covers", "notes"}  # SPEC §7
+    assert priv["epsilon"] is None and priv["covers"] == [] and "no noise" in priv["notes"][0]
+    assert on_disk["accelerator"] == "cpu" and on_disk["model"]["norm"] == "batch"
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_release_noise_without_update_noise_reports_null_epsilon(noised: dict[str, Any]) -> None:
+    s = json.loads((noised["out"] / "summary.json").read_text())
+    priv = s["privacy"]
+    assert priv["epsilon"] is None and s["epsilon"] is None
+    assert "updates" not in priv["covers"] and "activations" in priv["covers"]
+    assert "not fully covered" in priv["notes"][0]
+    assert any("weight updates are not noised" in n for n in priv["notes"])
+    assert any("adaptive clip" in n for n in priv["notes"])
+    assert s["privacy_accounting"]["accountant"]["steps"] == 2  # 64 samples in batches of 32
+    assert s["config"]["norm"] == "group" and s["config"]["warm_start"] is False  # noise: per-sample defaults
 
 
 def test_tensorboard_has_losses_ranks_and_energy_histograms(reference: dict[str, Any]) -> None:
@@ -96,7 +118,7 @@ def test_tensorboard_has_losses_ranks_and_energy_histograms(reference: dict[str,
     acc = EventAccumulator(str(reference["out"] / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
     scalars, hists = acc.Tags()["scalars"], acc.Tags()["histograms"]
-    for tag in ("train/loss", "train/lr", "epoch/test_accuracy", "epoch/train_loss", "epoch/epsilon"):
+    for tag in ("train/loss", "train/lr", "epoch/test_accuracy", "epoch/train_loss"):
         assert tag in scalars, (tag, scalars)
     assert any(t.startswith("rank/") for t in scalars)
     assert any(t.startswith("residual_energy/") for t in hists) and "rank/all_layers" in hists
@@ -118,12 +140,12 @@ def test_resume_after_a_killed_run_is_bit_for_bit(reference: dict[str, Any], tmp
             raise Killed
 
     with pytest.raises(Killed):
-        _run(tmp_path, die, epochs=2, noise=0.05, clip="auto")
+        _run(tmp_path, die, epochs=2)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # the last epoch checkpoint survives
     summary, losses = _run(tmp_path, resume="")  # bare --resume: the checkpoint in --out
     ref = reference["summary"]
     assert losses == reference["losses"][8:]  # bit for bit, from the first step after the checkpoint
-    assert summary["test_accuracy"] == ref["test_accuracy"] and summary["epsilon"] == ref["epsilon"]
+    assert summary["test_accuracy"] == ref["test_accuracy"]
     a = torch.load(tmp_path / "model.pt", weights_only=True)
     b = torch.load(reference["out"] / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -134,7 +156,7 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_bit_for_bit(reference: dict[str, Any
         if info["global_step"] == 5:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
 
-    summary, losses = _run(tmp_path, interrupt, epochs=2, noise=0.05, clip="auto")
+    summary, losses = _run(tmp_path, interrupt, epochs=2)
     assert summary["status"] == "interrupted" and len(losses) == 5
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 5)
@@ -173,17 +195,26 @@ def test_new_run_refuses_to_overwrite_a_checkpoint(reference: dict[str, Any]) ->
 
 
 def test_epsilon_target_solves_sigma_and_is_met(tmp_path: Path) -> None:
-    summary, _ = _run(tmp_path, epochs=1, epsilon=50.0, limit_train=128, tensorboard=False)
-    priv = summary["privacy"]
-    assert priv["noise_multiplier"] > 0 and priv["releases_per_step_planned"] > 0
-    assert summary["epsilon"] <= 50.0 * 1.001
-    assert priv["accountant"]["releases_per_step"] == priv["releases_per_step_planned"]
+    opts = dict(epochs=1, epsilon=50.0, limit_train=64, batch_size=16, tensorboard=False, noise_seed=None)
+    summary, losses = _run(tmp_path, **opts)
+    priv, acct = summary["privacy"], summary["privacy_accounting"]
+    assert acct["noise_multiplier"] > 0 and acct["releases_per_step_planned"] > 1
+    assert 0 < priv["epsilon"] <= 50.0 * 1.001 and summary["epsilon"] == priv["epsilon"]
+    assert {"activations", "gradients", "updates", "sampling"} <= set(priv["covers"])
+    # every step accounts one sample's releases plus its noised update, Poisson sampled at q = 16/64
+    assert sum(acct["accountant"]["releases"].values()) == 4 * acct["releases_per_step_planned"]
+    assert acct["accountant"]["steps"] == 4 and all(g["amplified"] for g in acct["accountant"]["groups"])
+    assert acct["sampling"]["kind"] == "poisson" and acct["sampling"]["sample_rate"] == 0.25
+    assert acct["updates"]["clip"] == 1.0 and "SecureGenerator" in acct["sampling"]["generator"]
+    assert all(math.isfinite(v) for v in losses)
 
 
-def test_paper_backward_with_noise_reports_infinite_epsilon(tmp_path: Path) -> None:
+def test_paper_backward_with_noise_reports_null_epsilon(tmp_path: Path) -> None:
     summary, _ = _run(tmp_path, epochs=1, noise=1.0, backward="paper", limit_train=64, tensorboard=False)
-    assert math.isinf(summary["epsilon"]) and summary["privacy"]["notes"]
-    assert json.loads((tmp_path / "summary.json").read_text())["epsilon"] == "inf"  # strict JSON
+    priv = summary["privacy"]
+    assert priv["epsilon"] is None and "gradients" not in priv["covers"] and "updates" not in priv["covers"]
+    assert any("released without noise" in n for n in priv["notes"])
+    assert json.loads((tmp_path / "summary.json").read_text())["privacy"]["epsilon"] is None  # strict JSON
     with pytest.raises(ConfigError, match="--epsilon needs --backward protected"):
         TrainConfig(epsilon=1.0, backward="paper").validate()
 

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 MODES = ("asym", "plain", "trusted-only", "noise-only")
+
+DESCRIPTION = """Test accuracy of a trained model in any execution mode.
+
+Takes an asymml train checkpoint (the model, dataset and split options are read from it) or a bare
+state_dict such as OUT/model.pt (options from the summary.json beside it, or from --model, --dataset, ...).
+Options not given default to the training run's."""
+
+EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "model", "width", "norm",
+                "dataset", "data_dir", "image_size", "limit_test", "workers", "rank", "tau", "decomposition",
+                "iters", "basis", "backward", "seed", "threads", "noise", "nsr", "clip")
+
+
+def _help(text: str) -> str:
+    """An option's help without its own default (eval's default is the training run's)."""
+    return re.sub(r"\s*\(default[^()]*(\([^()]*\)[^()]*)*\)", "", text).replace("``", "")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,18 +37,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     opts = {o.name: o for o in OPTIONS}
     p = sub.add_parser("eval", help="test accuracy of a checkpoint or state_dict in any mode",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint.pt of a run (or its directory), or a bare state_dict such as model.pt")
-    for name in ("mode", "device", "model", "width", "dataset", "data_dir", "image_size", "limit_test",
-                 "workers", "rank", "tau", "decomposition", "iters", "basis", "backward", "seed", "threads",
-                 "noise", "nsr", "clip"):
+    for name in EVAL_OPTIONS:
         o = opts[name]
         p.add_argument(o.cli, dest=name, type=OptionType(o), default=argparse.SUPPRESS,
-                       metavar=o.metavar or name.upper(),
-                       help=o.help + " (default: the training run's)")
+                       metavar=o.metavar or name.upper(), help=_help(o.help))
     p.add_argument("--batch-size", dest="test_batch_size", type=OptionType(opts["test_batch_size"]),
-                   default=argparse.SUPPRESS, metavar="N", help="evaluation batch size (default 256)")
+                   default=argparse.SUPPRESS, metavar="N", help="evaluation batch size (default: the training "
+                   "run's --test-batch-size)")
     p.add_argument("--no-noise", action="store_true",
                    help="evaluate without the noise the model was trained with")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import CheckpointError
+    from ..training.batches import Batches
+    from ..training.builders import accelerator_name, build_model, build_split, noise_config
     from ..training.checkpoint import FORMAT, check_checkpoint, find_checkpoint, is_state_dict, read_file
     from ..training.config import TrainConfig, given_options
-    from ..training.loop import Batches, build_model, build_split, evaluate, noise_config
+    from ..training.evaluation import evaluate
     from ..training.report import jsonable
 
     path = find_checkpoint(args.checkpoint)
@@ -85,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if "noise" not in given and "nsr" not in given:
         use_trained = not args.no_noise and cfg.mode in ("asym", "noise-only")
         cfg.noise, cfg.nsr = trained_noise if use_trained else (None, None)
+    if cfg.noise is not None or cfg.nsr is not None:
+        cfg.warm_start = False  # noised releases start cold (a warm start couples samples)
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -113,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": cfg.dataset,
         "mode": cfg.mode,
         "trained_in_mode": train_mode,
-        "accelerator": str(sm.executor.device),
+        "accelerator": accelerator_name(sm.executor),
         "noise": None if nc is None else {"sigma": cfg.noise, "nsr": cfg.nsr, "clip": cfg.clip},
         "test_accuracy": res["accuracy"],
         "test_loss": res["loss"],

@@ -35,73 +35,101 @@ DECOMPOSITIONS = ("power", "eigh", "svd", "rsvd")
 BASES = ("sample", "batch")
 BACKWARDS = ("protected", "paper")
 ACCOUNTANTS = ("rdp", "prv")
+NORMS = ("auto", "batch", "group")
+UPDATE_BUDGET = 0.9
+"""Share of an --epsilon run's privacy budget (in 1/sigma^2 per step) given to the DP-SGD updates."""
 DEFAULT_CIFAR_WIDTH = 0.25
 
 
 # ----------------------------------------------------------------------------------- value converters
 # Each takes the raw value (a string from the command line, or any YAML/TOML scalar) and returns the typed
-# value or raises ValueError with a message fit for the user.
+# value or raises ValueError with a message fit for the user.  Rejected values are shown shortened
+# (:func:`_show`): a config file may hold a huge value, which an error message must not echo in full.
+
+MAX_SEED = 2**63 - 1
+"""Seeds are used as 64-bit generator seeds; larger ones cannot be represented."""
+
+_SHOW_CHARS = 40
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters (with its type when cut)."""
+    try:
+        r = repr(value)
+    except Exception:  # a hostile __repr__
+        return f"a {type(value).__name__}"
+    if len(r) <= _SHOW_CHARS:
+        return r
+    return f"{r[:_SHOW_CHARS]}... (a {type(value).__name__} of {len(r)} characters)"
 
 
 def _number(value: Any, kind: type) -> Any:
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {_show(value)}")
     try:
         out = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {_show(value)}") from None
     if kind is int and isinstance(value, float) and value != out:
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {_show(value)}")
     if kind is float and not math.isfinite(out):
-        raise ValueError(f"expected a finite number, got {value!r}")
+        raise ValueError(f"expected a finite number, got {_show(value)}")
     return out
 
 
 def positive_int(value: Any) -> int:
     v = _number(value, int)
     if v < 1:
-        raise ValueError(f"must be a positive integer, got {value!r}")
+        raise ValueError(f"must be a positive integer, got {_show(value)}")
     return v
 
 
 def nonneg_int(value: Any) -> int:
     v = _number(value, int)
     if v < 0:
-        raise ValueError(f"must be an integer >= 0, got {value!r}")
+        raise ValueError(f"must be an integer >= 0, got {_show(value)}")
     return v
 
 
 def positive_float(value: Any) -> float:
     v = _number(value, float)
     if v <= 0:
-        raise ValueError(f"must be a number > 0, got {value!r}")
+        raise ValueError(f"must be a number > 0, got {_show(value)}")
+    return v
+
+
+def seed_value(value: Any) -> int:
+    """A generator seed: an integer in ``[0, 2**63 - 1]``."""
+    v = nonneg_int(value)
+    if v > MAX_SEED:
+        raise ValueError(f"must be at most 2**63 - 1, got {_show(value)}")
     return v
 
 
 def nonneg_float(value: Any) -> float:
     v = _number(value, float)
     if v < 0:
-        raise ValueError(f"must be a number >= 0, got {value!r}")
+        raise ValueError(f"must be a number >= 0, got {_show(value)}")
     return v
 
 
 def unit_interval(value: Any) -> float:
     v = _number(value, float)
     if not 0.0 < v < 1.0:
-        raise ValueError(f"must be in (0, 1), got {value!r}")
+        raise ValueError(f"must be in (0, 1), got {_show(value)}")
     return v
 
 
 def momentum_value(value: Any) -> float:
     v = _number(value, float)
     if not 0.0 <= v < 1.0:
-        raise ValueError(f"must be in [0, 1), got {value!r}")
+        raise ValueError(f"must be in [0, 1), got {_show(value)}")
     return v
 
 
 def text(value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError(f"expected a string, got {value!r}")
+        raise ValueError(f"expected a string, got {_show(value)}")
     return str(value)
 
 
@@ -109,7 +137,7 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     def conv(value: Any) -> str:
         v = str(value).strip().lower() if isinstance(value, str) else value
         if v not in allowed:
-            raise ValueError(f"invalid choice {value!r} (choose from {', '.join(allowed)})")
+            raise ValueError(f"invalid choice {_show(value)} (choose from {', '.join(allowed)})")
         return v
 
     conv.__name__ = "choice"
@@ -123,7 +151,7 @@ def rank_spec(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"invalid rank {value!r}")
+        raise ValueError(f"invalid rank {_show(value)}")
     s = str(value).strip().lower()
     try:
         parse_rank(s)
@@ -148,7 +176,7 @@ def device_spec(value: Any) -> str:
         return s  # a remote accelerator server (`asymml serve`)
     s = s.lower()
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", s):
-        raise ValueError(f"invalid device {value!r} (choose from cpu, cuda, cuda:N, auto, tcp://HOST:PORT, unix:///PATH)")
+        raise ValueError(f"invalid device {_show(value)} (choose from cpu, cuda, cuda:N, auto, tcp://HOST:PORT, unix:///PATH)")
     return s
 
 
@@ -157,11 +185,11 @@ def path_text(value: Any) -> str:
 
 
 def flag(value: Any) -> bool:
+    """A boolean, strictly: ``true``/``false`` in a config file (a string such as ``"no"`` is truthy in
+    Python, so it is refused rather than guessed); the command line's ``--x/--no-x`` give booleans."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return value.strip().lower() in ("true", "yes", "on", "1")
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false (a boolean), got {_show(value)}")
 
 
 def optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -221,13 +249,24 @@ OPTIONS: tuple[Option, ...] = (
        "training set", "model and data", metavar="N"),
     _o("limit_test", optional(positive_int), None, "evaluate on the first N test samples", "model and data",
        metavar="N"),
+    _o("norm", choice(*NORMS), "auto", "normalisation layers: batch (BatchNorm as the model defines it), group "
+       "(BatchNorm replaced by GroupNorm, per sample: what DP needs), auto (group when noise is on, else batch)",
+       "model and data"),
     _o("workers", nonneg_int, 0, "DataLoader worker processes for on-disk datasets (in-memory datasets are "
        "batched directly)", "model and data", metavar="N"),
     # execution
     _o("mode", choice(*MODES), "asym", "asym (split), plain (all on the accelerator), trusted-only (all "
        "trusted), noise-only (whole activations + noise to the accelerator)", "execution"),
-    _o("device", device_spec, "cpu", "the accelerator: cpu, cuda[:N] or auto (the trusted context is "
-       "always this process's CPU)", "execution", metavar="DEV"),
+    _o("device", device_spec, "cpu", "the accelerator: cpu, cuda[:N], auto, or a remote accelerator server "
+       "(asymml serve) at tcp://HOST:PORT or unix:///PATH; the trusted context is always this process's CPU",
+       "execution", metavar="DEV"),
+    _o("request_timeout", optional(positive_float), 60.0, "seconds to wait for a remote accelerator's answer "
+       "before declaring it lost ('none': wait forever)", "execution", metavar="S"),
+    _o("tls_cert", optional(path_text), None, "client certificate (PEM) for mutual TLS with a tcp:// "
+       "accelerator server (asymml certs writes a test set)", "execution", metavar="FILE"),
+    _o("tls_key", optional(path_text), None, "private key (PEM) of --tls-cert", "execution", metavar="FILE"),
+    _o("tls_ca", optional(path_text), None, "CA certificate (PEM) that signed the server's certificate",
+       "execution", metavar="FILE"),
     _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
        metavar="N"),
     # optimisation
@@ -244,11 +283,11 @@ OPTIONS: tuple[Option, ...] = (
     _o("momentum", momentum_value, 0.9, "SGD momentum", "optimisation", metavar="M"),
     _o("nesterov", flag, False, "Nesterov momentum", "optimisation", is_flag=True),
     _o("wd", nonneg_float, 5e-4, "weight decay", "optimisation"),
-    _o("seed", nonneg_int, 0, "seed of model init, data split and order, and decompositions",
+    _o("seed", seed_value, 0, "seed of model init, data split and order, and decompositions",
        "optimisation", metavar="N"),
-    _o("noise_seed", optional(nonneg_int), None, "seed of the DP noise, for reproducible experiments only "
-       "(default: OS entropy, saved in the checkpoint; an accelerator that knows the seed can subtract the "
-       "noise)", "noise", metavar="N"),
+    _o("noise_seed", optional(seed_value), None, "INSECURE, for reproducible experiments only: seed of the DP "
+       "noise and batch sampling (default: OS entropy, never saved; an accelerator that knows the seed can "
+       "subtract the noise)", "noise / differential privacy", metavar="N"),
     # split
     _o("rank", rank_spec, "schedule", "rank of the trusted low-rank part: N, a per-layer list 2,4,8, "
        "schedule (2, x2 per conv, cap 32), schedule:START:GROWTH:CAP, adaptive:TAU[:MAX]", "split",
@@ -263,7 +302,8 @@ OPTIONS: tuple[Option, ...] = (
        "rsvd", "split"),
     _o("iters", positive_int, 2, "power-iteration rounds", "split", metavar="N"),
     _o("basis", choice(*BASES), "sample", "one low-rank basis per sample, or one per batch", "split"),
-    _o("warm_start", flag, True, "warm-start power iterations from the previous step's basis", "split",
+    _o("warm_start", optional(flag), None, "warm-start power iterations from the previous step's basis "
+       "(default: on without noise, off with noise: a warm start carries other samples' factors)", "split",
        is_flag=True),
     _o("backward", choice(*BACKWARDS), "protected", "protected: only gradient residuals reach the "
        "accelerator; paper: full activation gradients, as the prototype", "split"),
@@ -277,6 +317,12 @@ OPTIONS: tuple[Option, ...] = (
     _o("delta", unit_interval, 1e-5, "delta of (epsilon, delta)", "noise / differential privacy"),
     _o("clip", clip_spec, 1.0, "per-sample L2 bound of each release: a number, auto or auto:q (adaptive, not "
        "formally accounted)", "noise / differential privacy", metavar="C"),
+    _o("update_clip", positive_float, 1.0, "DP-SGD on updates: per-sample L2 bound of the trusted share of "
+       "each sample's gradient (all parameters), noised before the optimizer step", "noise / differential privacy",
+       metavar="C"),
+    _o("update_noise", optional(positive_float), None, "noise multiplier of the DP-SGD update (default: with "
+       f"--epsilon, {UPDATE_BUDGET:.0%}% of the privacy budget goes to the updates, whose noise costs accuracy "
+       "most; with --noise, the same sigma)", "noise / differential privacy", metavar="SIGMA"),
     _o("accountant", choice(*ACCOUNTANTS), "rdp", "Opacus accountant for epsilon", "noise / differential "
        "privacy"),
     # output
@@ -288,6 +334,10 @@ OPTIONS: tuple[Option, ...] = (
     _o("tensorboard", flag, True, "TensorBoard event files in OUT/tensorboard", "output", is_flag=True),
     _o("log_every", positive_int, 10, "steps between TensorBoard step logs (loss, lr, per-layer ranks and "
        "residual-energy histograms)", "output", metavar="N"),
+    _o("checkpoint_every_steps", optional(positive_int), None, "also write a checkpoint every N steps ('none': "
+       "only by time and at epoch ends)", "output", metavar="N"),
+    _o("checkpoint_every_minutes", optional(positive_float), 2.0, "write a checkpoint at least every M "
+       "minutes of training, mid-epoch too ('none': only by steps and at epoch ends)", "output", metavar="M"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -295,7 +345,8 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 #: Fields that may change between a checkpoint and its resumption (they do not change what is trained).
 RUNTIME_FIELDS = frozenset({
     "data_dir", "download", "workers", "device", "threads", "test_batch_size", "limit_test", "epochs",
-    "out", "resume", "progress", "tensorboard", "log_every",
+    "out", "resume", "progress", "tensorboard", "log_every", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key", "tls_ca",
 })
 
 
@@ -311,9 +362,14 @@ class TrainConfig:
     image_size: int | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    norm: str = "auto"
     workers: int = 0
     mode: str = "asym"
     device: str = "cpu"
+    request_timeout: float | None = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     threads: int | None = None
     batch_size: int = 64
     test_batch_size: int = 256
@@ -334,25 +390,37 @@ class TrainConfig:
     decomposition: str = "power"
     iters: int = 2
     basis: str = "sample"
-    warm_start: bool = True
+    warm_start: bool | None = None
     backward: str = "protected"
     noise: float | None = None
     nsr: float | None = None
     epsilon: float | None = None
     delta: float = 1e-5
     clip: float | str = 1.0
+    update_clip: float = 1.0
+    update_noise: float | None = None
     accountant: str = "rdp"
     out: str | None = None
     resume: str | None = None
     progress: bool = True
     tensorboard: bool = True
     log_every: int = 10
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = 2.0
 
     # ------------------------------------------------------------------ derived values
     @property
     def noise_on(self) -> bool:
         """Whether released residuals are clipped and noised."""
         return self.noise is not None or self.nsr is not None or self.epsilon is not None
+
+    @property
+    def dp_updates(self) -> bool:
+        """Whether this run is accounted end to end: noised releases with a fixed clip (``--noise`` or
+        ``--epsilon``), protected backward, and DP-SGD on the trusted share of every update, over Poisson
+        sampled batches."""
+        return ((self.noise is not None or self.epsilon is not None) and not isinstance(self.clip, str)
+                and self.backward == "protected" and self.mode in ("asym", "noise-only"))
 
     @property
     def rank_spec(self) -> str:
@@ -376,7 +444,7 @@ class TrainConfig:
             opt = _BY_NAME.get(name)
             if opt is None:
                 raise ConfigError(
-                    f"{source}: unknown option {key!r}; known options: {', '.join(sorted(_BY_NAME))}"
+                    f"{source}: unknown option {_show(key)}; known options: {', '.join(sorted(_BY_NAME))}"
                 )
             try:
                 setattr(self, name, opt.convert(raw))
@@ -404,6 +472,28 @@ class TrainConfig:
             )
         if self.epsilon is not None and isinstance(self.clip, str):
             raise ConfigError("--epsilon needs a fixed --clip: an adaptive clip is not formally accounted")
+        if self.warm_start is None:
+            self.warm_start = not self.noise_on
+        elif self.warm_start and self.noise_on:
+            raise ConfigError(
+                "--warm-start with noise: a warm start begins each decomposition from the previous "
+                "sample's (or batch's) factors, so a release would depend on other samples and the per-sample "
+                "noise bound would not hold; drop --warm-start (noised runs start cold)"
+            )
+        if self.norm == "auto":
+            self.norm = "group" if self.noise_on else "batch"
+        if self.noise_on and self.norm == "batch" and self.epsilon is not None:
+            raise ConfigError(
+                "--epsilon with --norm batch: BatchNorm's running statistics are computed from private data "
+                "without noise and reach the accelerator in evaluation, so no epsilon can cover them; use "
+                "--norm group (the default with noise)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both (and --tls-ca)")
+        if any(v is not None for v in (self.tls_cert, self.tls_key, self.tls_ca)) \
+                and not self.device.startswith(("tcp://", "unix://")):
+            raise ConfigError("--tls-cert/--tls-key/--tls-ca apply to a remote accelerator server only "
+                              f"(--device is {self.device})")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum > 0")
         if self.tau is not None and self.rank != "schedule":
@@ -435,17 +525,42 @@ def is_cifar_model(name: str) -> bool:
 # ------------------------------------------------------------------------------------ config files
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file of options is a few hundred bytes; anything beyond this is refused unread."""
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses anchors and aliases: an option file needs neither, and nested aliases
+    expand exponentially (a few hundred bytes can stand for gigabytes: the "billion laughs")."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"YAML anchors and aliases (& and *) are not allowed in a config file "
+                                  f"(line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of options into a dict.
 
     A TOML file may put the options at the top level or under a ``[train]`` table; likewise a YAML file
-    may nest them under ``train:``.
+    may nest them under ``train:``.  Files over :data:`MAX_CONFIG_BYTES` and YAML anchors/aliases are
+    refused (bounded time and memory whatever the file holds).
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     suffix = p.suffix.lower()
     try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is {size} bytes; an option file is at most "
+                              f"{MAX_CONFIG_BYTES} bytes")
         raw_text = p.read_text(encoding="utf-8")
         if suffix == ".toml":
             try:
@@ -454,15 +569,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(raw_text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(raw_text)
+            data = _yaml_load(raw_text)
         else:
             raise ConfigError(f"config file {str(p)!r}: use a .yaml, .yml or .toml file")
     except ConfigError:
         raise
     except Exception as e:  # parse errors of either format
-        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {e}") from None
+        msg = " ".join(str(e).split())
+        msg = msg if len(msg) <= 300 else msg[:300] + "..."
+        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -502,8 +617,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         if opt.default is not None and not opt.is_flag and "default" not in help_text:
             help_text += f" (default: {opt.default})"
         if opt.is_flag:
+            if "default" not in opt.help:
+                help_text += f" (default: {'on' if opt.default else 'off'})"
             g.add_argument(opt.cli, dest=opt.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text + f" (default: {'on' if opt.default else 'off'})")
+                           default=argparse.SUPPRESS, help=help_text)
         elif opt.name == "resume":
             g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=OptionType(opt),
                            default=argparse.SUPPRESS, metavar=opt.metavar, help=help_text)

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ConfigError
 from .checkpoint import check_compatible, find_checkpoint, load_checkpoint
 from .config import TrainConfig, load_config_file, resolve_config
-from .loop import Callback, Trainer, TrainResult
+from .trainer import Callback, Trainer, TrainResult
 
 __all__ = ["prepare", "train"]
 
