@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from asymml.privacy.accounting import solve_sigma
 from asymml.privacy.noise import NoiseConfig, ReleaseMechanism, clip_per_sample, per_sample_norms
+from asymml.privacy.secure_rng import InsecureNoiseWarning, SecureGenerator
+
+
+@pytest.fixture(autouse=True)
+def _insecure_seeds_are_deliberate():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureNoiseWarning)
+        yield
 
 
 def gen(seed: int) -> torch.Generator:
@@ -69,7 +78,7 @@ def test_noise_has_sigma_times_clip_std() -> None:
     sigma, clip = 0.7, 2.0
     r = torch.randn(2000, 8, 4, 4, generator=gen(2))
     mech = ReleaseMechanism(NoiseConfig(sigma=sigma, clip=clip))
-    out = mech(r, layer="conv1", generator=gen(3))
+    out = mech(r, layer="conv1")
     noise = out - clip_per_sample(r, clip)
     assert noise.mean().abs() < 0.01
     assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.02)
@@ -83,7 +92,7 @@ def test_nsr_noise_norm_is_nsr_times_clip() -> None:
     d = r[0].numel()
     mech = ReleaseMechanism(NoiseConfig(nsr=nsr, clip=clip))
     clipped = clip_per_sample(r, clip)
-    noise = mech(r, layer="a", generator=gen(5)) - clipped
+    noise = mech(r, layer="a") - clipped
     ratio = per_sample_norms(noise) / per_sample_norms(clipped)
     assert float(ratio.mean()) == pytest.approx(nsr, rel=0.02)  # amplitude ratio
     assert float((ratio**2).mean()) == pytest.approx(nsr**2, rel=0.03)  # energy ratio
@@ -105,11 +114,14 @@ def test_nsr_multiplier_before_any_release_is_an_error() -> None:
 
 def test_noise_comes_from_the_given_generator_only() -> None:
     r = torch.randn(4, 3, 5, 5, generator=gen(7))
-    mech = ReleaseMechanism(NoiseConfig(sigma=1.0))
     state = torch.get_rng_state()
-    a = mech(r, layer="l", generator=gen(11))
-    b = mech(r, layer="l", generator=gen(11))
-    c = mech(r, layer="l", generator=gen(12))
+
+    def mech() -> ReleaseMechanism:
+        return ReleaseMechanism(NoiseConfig(sigma=1.0))
+
+    a = mech()(r, layer="l", generator=SecureGenerator(insecure_seed=11))
+    b = mech()(r, layer="l", generator=SecureGenerator(insecure_seed=11))
+    c = mech()(r, layer="l", generator=SecureGenerator(insecure_seed=12))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG was neither used nor reseeded
@@ -123,8 +135,8 @@ def test_default_generator_is_private_not_global() -> None:
     torch.manual_seed(0)
     b = ReleaseMechanism(NoiseConfig(sigma=1.0))(r, layer="l")
     assert not torch.allclose(a, b)  # seeding torch's global RNG does not fix the noise
-    fixed = ReleaseMechanism(NoiseConfig(sigma=1.0), generator=gen(9))
-    again = ReleaseMechanism(NoiseConfig(sigma=1.0), generator=gen(9))
+    fixed = ReleaseMechanism(NoiseConfig(sigma=1.0, insecure_seed=9))
+    again = ReleaseMechanism(NoiseConfig(sigma=1.0, insecure_seed=9))
     assert torch.equal(fixed(r, layer="l"), again(r, layer="l"))
     torch.set_rng_state(state)
 
@@ -133,7 +145,7 @@ def test_default_generator_is_private_not_global() -> None:
 def test_input_is_not_modified_and_output_is_new(config: NoiseConfig) -> None:
     r = torch.randn(5, 3, 4, generator=gen(10))
     before = r.clone()
-    out = ReleaseMechanism(config)(r, layer="l", generator=gen(1))
+    out = ReleaseMechanism(config)(r, layer="l")
     assert torch.equal(r, before)
     assert out.data_ptr() != r.data_ptr()
     out.add_(1.0)
@@ -143,9 +155,9 @@ def test_input_is_not_modified_and_output_is_new(config: NoiseConfig) -> None:
 def test_dtype_preserved_and_differentiable() -> None:
     mech = ReleaseMechanism(NoiseConfig(sigma=0.5, clip=1.0))
     r64 = torch.randn(3, 7, dtype=torch.float64, generator=gen(13))
-    assert mech(r64, layer="l", generator=gen(0)).dtype == torch.float64
+    assert mech(r64, layer="l").dtype == torch.float64
     r = torch.randn(3, 7, generator=gen(14), requires_grad=True)
-    mech(r, layer="l", generator=gen(0)).sum().backward()
+    mech(r, layer="l").sum().backward()
     assert r.grad is not None and torch.isfinite(r.grad).all()
 
 

@@ -71,6 +71,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-per-image", type=int, default=None,
                    help="public photo patches per photo (attacker's training data)")
     p.add_argument("--private-per-image", type=int, default=None, help="private photo patches per photo")
+    p.add_argument("--extra-public", type=int, default=None, metavar="N",
+                   help="crops per extra offline image (greyscale photos, faces, digits) added to the attacker's public "
+                        "set (default 32; --quick: 16; 0: the public photos only)")
+    p.add_argument("--no-joint", action="store_true", help="skip the joint attack on all of a sample's releases")
+    p.add_argument("--no-dp-updates", action="store_true",
+                   help="do not clip and noise the updates (DP-SGD): epsilon then does not cover them (reported as such)")
+    p.add_argument("--update-clip", type=float, default=None,
+                   help="DP-SGD per-sample L2 bound of the trusted share of the gradient (default 1.0)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="train the utility model on only N digits (quick checks)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the split runtime runs the accelerator in its own thread)")
@@ -102,9 +112,18 @@ def build_config(args: argparse.Namespace) -> Any:
     elif args.epsilons is not None:
         kw["epsilons"] = args.epsilons
     for name in ("delta", "noise_ratio", "dlg_iters", "inversion_epochs", "seed", "public_per_image",
-                 "private_per_image"):
+                 "private_per_image", "extra_public"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.no_joint:
+        kw["joint"] = False
+    util: dict[str, Any] = {}
+    if args.no_dp_updates:
+        util["dp_updates"] = False
+    if args.update_clip is not None:
+        util["update_clip"] = args.update_clip
+    if args.limit_train is not None:
+        util["limit_train"] = args.limit_train
     if args.batch_sizes is not None:
         kw["dlg_batch_sizes"] = args.batch_sizes
     if args.layers is not None:
@@ -124,6 +143,8 @@ def build_config(args: argparse.Namespace) -> Any:
         kw["utility"] = replace(kw.get("utility", cfg.utility), rank=rank)
     if args.seed is not None:
         kw["utility"] = replace(kw.get("utility", cfg.utility), seed=args.seed)
+    if util:
+        kw["utility"] = replace(kw.get("utility", cfg.utility), **util)
     cfg = replace(cfg, **kw)
     cfg.validate()
     return cfg
@@ -135,7 +156,12 @@ def _log(msg: str) -> None:
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     keys = [k for k in keys if any(k in r for r in rows)]
-    cells = [[str(r.get(k, "")) if r.get(k) is not None else "–" for k in keys] for r in rows]
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        return ",".join(map(str, v)) or "–" if isinstance(v, list) else str(v)
+
+    cells = [[cell(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
@@ -158,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "report":
         data = run_report(cfg, args.out, log=_log)
-        keys = ["label", "sigma", "epsilon", "test_accuracy", "inversion_psnr", "inversion_ssim"]
+        keys = ["label", "sigma", "epsilon", "covers", "test_accuracy", "inversion_psnr", "inversion_npsnr",
+                "reid_accuracy", "span_u_cos"]
         keys += [k for k in data["rows"][0] if k.startswith("dlg_psnr_b")] if data["rows"] else []
         print(_table(data["rows"], keys + ["mi_nats"]))
         print(f"paper's claim {'holds' if data['claim']['holds'] else 'does not hold'} on this run; "
@@ -166,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = run_attack(args.action, cfg, log=_log)
     keys = {"inversion": ["label", "sigma", "inversion_psnr", "inversion_ssim", "inversion_layer",
-                          "inversion_baseline_psnr"],
+                          "inversion_baseline_psnr", "inversion_npsnr", "reid_accuracy", "span_u_cos"],
             "dlg": ["label", "sigma"] + [f"dlg_psnr_b{b}" for b in cfg.dlg_batch_sizes],
             "stats": ["label", "sigma", "mi_nats"]}[args.action]
     print(_table(data["rows"], keys))

@@ -9,11 +9,16 @@ epsilon -- written to a directory:
 * ``grid_inversion.png`` / ``grid_dlg.png`` -- original | what the accelerator saw | best reconstruction;
 * ``privacy_utility.png`` -- test accuracy vs epsilon and vs attack PSNR, asym against noise-only.
 
-How epsilon is set: for each mode and target epsilon, the per-release noise multiplier sigma is solved
-(Opacus RDP) for the digits training run -- every noised release of a sample (forward residuals and, in
-``protected`` backward, gradient residuals) composed over all steps, Poisson sampling. The photo attacks
-use the same sigma and the same clip rule. The weight updates are *not* noised by asymml, so epsilon does
-not cover them (the gradient-leakage attack measures what they give away).
+How epsilon is set: for each mode and target epsilon, one noise multiplier sigma is planned
+(:func:`~asymml.privacy.accounting.plan_sigma`, Opacus RDP) for the digits training run -- every Gaussian a
+sample goes through in a step (forward residuals, protected-mode gradient residuals and, with DP-SGD on the
+updates, the clipped and noised trusted share of the update) composed over all steps, under Poisson sampling
+from the secure generator.  Each row's ``covers`` lists what its epsilon accounts for
+(:class:`~asymml.privacy.accounting.PrivacyLedger`).  The photo attacks use the same sigma and clip rule.
+
+Leakage measures that can fail: besides PSNR/SSIM, normalised PSNR/SSIM (per-image affine fit), re-
+identification accuracy among all private patches, a joint attack on all of a sample's releases, and how
+well the accelerator recovers ``span(U)`` from the residual's null space (``span_u``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from torch import Tensor
 from ..errors import ConfigError
 from .attacks.common import ATTACK_MODES, AttackMode, Calibration, build_split, calibrate, check_privacy_options
 from .attacks.gradient import DLGResult, capture_update, gradient_leakage_attack
-from .attacks.inversion import InversionResult, PhotoTask, capture_training_releases, inversion_attack
+from .attacks.inversion import (
+    JOINT,
+    InversionResult,
+    PhotoTask,
+    capture_training_releases,
+    inversion_attack,
+    subspace_recovery,
+)
 from .attacks.statistics import MI_ESTIMATOR, energy_ratios, mutual_information
 from .attacks.utility import DigitsTask, UtilityConfig, UtilityResult, train_utility
 
@@ -57,6 +69,8 @@ class ReportConfig:
     decoder_width: int = 16
     public_per_image: int = 128
     private_per_image: int = 64
+    extra_public: int = 32  # crops per extra offline image in the attacker's public set (0: public photos only)
+    joint: bool = True  # also attack all of a sample's releases jointly
     photo_model: str = "vgg11_bn"
     dlg_model: str = "vgg11"
     dlg_patch_size: int = 16
@@ -70,7 +84,7 @@ class ReportConfig:
     def quick_config(cls, **overrides: Any) -> ReportConfig:
         """A ~1-2 minute version: one epsilon, short training, linear decoders, short DLG."""
         base = cls(epsilons=(8.0,), utility=UtilityConfig(epochs=6), inversion_epochs=0,
-                   public_per_image=64, private_per_image=32, dlg_iters=100, quick=True)
+                   public_per_image=64, private_per_image=32, extra_public=16, dlg_iters=100, quick=True)
         return replace(base, **overrides)
 
     def validate(self) -> None:
@@ -93,10 +107,11 @@ class ReportConfig:
         check_privacy_options(delta=self.delta, noise_ratio=self.noise_ratio)
         self.utility.validate()
         for name in ("inversion_epochs", "dlg_iters", "decoder_width", "public_per_image", "private_per_image",
-                     "dlg_patch_size"):
+                     "dlg_patch_size", "extra_public"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "inversion_epochs" else 1):
-                raise ConfigError(f"{name} must be a {'non-negative' if name == 'inversion_epochs' else 'positive'} "
+            nonneg = name in ("inversion_epochs", "extra_public")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nonneg else 1):
+                raise ConfigError(f"{name} must be a {'non-negative' if nonneg else 'positive'} "
                                   f"integer (got {v!r})")
         if not self.dlg_batch_sizes or any(b < 1 for b in self.dlg_batch_sizes):
             raise ConfigError(f"dlg batch sizes must be positive (got {self.dlg_batch_sizes!r})")
@@ -164,7 +179,8 @@ class PrivacyRun:
         self.digits = DigitsTask(replace(cfg.utility, noise_ratio=cfg.noise_ratio))
         self.modes = _modes(cfg, self.digits)
         self.photo = PhotoTask(public_per_image=cfg.public_per_image, private_per_image=cfg.private_per_image,
-                               model=cfg.photo_model, width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed)
+                               model=cfg.photo_model, width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed,
+                               extra_public=cfg.extra_public)
         self.dlg_task = PhotoTask(patch_size=cfg.dlg_patch_size, public_per_image=16,
                                   private_per_image=cfg.private_per_image, model=cfg.dlg_model,
                                   width=cfg.utility.width, rank=cfg.utility.rank, seed=cfg.seed)
@@ -176,6 +192,8 @@ class PrivacyRun:
                             for b in cfg.dlg_batch_sizes}
         self._photo_cal: dict[str, Calibration] = {}
         self._dlg_cal: dict[str, Calibration] = {}
+        self.span_u: dict[str, dict[str, float] | None] = {}
+        self.input_rank = 1  # asymml.split's default input_rank (the attacks do not change it)
 
     # ---------------------------------------------------------------- per-mode pieces
     def clips(self, mode: AttackMode, task: str) -> dict[str, float] | None:
@@ -184,9 +202,11 @@ class PrivacyRun:
             return None
         t, cache = (self.photo, self._photo_cal) if task == "photo" else (self.dlg_task, self._dlg_cal)
         if mode.name not in cache:
-            n = min(128, len(t.x_public))
+            from .attacks.common import PRIVATE_SPLIT_DEFAULTS
+
+            n = min(128, getattr(t, "n_public_photos", len(t.x_public)))
             cache[mode.name] = calibrate(t.make_model(), mode, t.x_public[:n], t.y_public[:n], loss_fn=t.loss,
-                                         split_kw={"rank": t.rank})
+                                         split_kw={"rank": t.rank, **PRIVATE_SPLIT_DEFAULTS})
         return cache[mode.name].clips(mode.sigma, self.cfg.noise_ratio)
 
     def utility(self, mode: AttackMode) -> UtilityResult:
@@ -195,7 +215,9 @@ class PrivacyRun:
 
     def inversion(self, mode: AttackMode, *, decoders: bool = True) -> tuple[dict[str, InversionResult],
                                                                             dict[str, dict[str, Any]]]:
-        """Inversion results and MI estimates per attacked layer (``decoders=False``: MI only)."""
+        """Inversion results and MI estimates per attacked layer (``decoders=False``: MI only); with
+        ``cfg.joint`` and several layers, also the joint attack (key :data:`JOINT`).  ``self.span_u`` gets
+        the span(U) recovery of the input layer (split modes)."""
         # plain releases only the raw input (the accelerator computes every other activation from it)
         layers = ["input"] if mode.split_mode == "plain" else self.layers
         self.say(f"[{mode.label}] releases of layers {', '.join(layers)} during private training")
@@ -210,6 +232,13 @@ class PrivacyRun:
                                               width=self.cfg.decoder_width, seed=self.cfg.seed)
             mi[layer] = mutual_information(cap.public_images, cap.public[layer], cap.private_images,
                                            cap.private[layer], seed=self.cfg.seed).as_dict()
+        if decoders and self.cfg.joint and len(cap.private) > 1:
+            inv[JOINT] = inversion_attack(cap, JOINT, mode_name=mode.name, epochs=self.cfg.inversion_epochs,
+                                          width=self.cfg.decoder_width, seed=self.cfg.seed)
+        self.span_u[mode.label] = None
+        rel = cap.private.get("input")
+        if mode.split_mode != "plain" and rel is not None and rel.shape == cap.private_images.shape:
+            self.span_u[mode.label] = subspace_recovery(rel, cap.private_images, self.input_rank, seed=self.cfg.seed)
         return inv, mi
 
     def dlg(self, mode: AttackMode) -> dict[int, DLGResult]:
@@ -218,9 +247,10 @@ class PrivacyRun:
         self.say(f"[{mode.label}] gradient leakage (batch sizes {', '.join(map(str, cfg.dlg_batch_sizes))})")
         out: dict[int, DLGResult] = {}
         for b, idx in self.dlg_batches.items():
+            dp = (cfg.utility.update_clip, mode.sigma) if mode.noisy and cfg.utility.dp_updates else None
             upd = capture_update(t.make_model(), mode, self.clips(mode, "dlg"), t.x_private[idx], t.y_private[idx],
                                  lr=cfg.dlg_step_lr, loss_fn=t.loss, probe=t.x_public[:2],
-                                 split_kw={"rank": t.rank, "seed": cfg.seed})
+                                 split_kw={"rank": t.rank, "seed": cfg.seed}, dp_update=dp)
             if upd.grads:
                 out[b] = gradient_leakage_attack(upd, iters=cfg.dlg_iters, num_classes=t.num_classes,
                                                  seed=cfg.seed, loss_fn=t.loss, prior=self.dlg_prior)
@@ -244,6 +274,9 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
         t1 = time.perf_counter()
         inv, mi = run.inversion(mode)
         best = max(inv.values(), key=lambda r: r.psnr)
+        best_n = max(inv.values(), key=lambda r: r.npsnr - r.baseline_npsnr)
+        best_reid = max(inv.values(), key=lambda r: r.reid)
+        span = run.span_u.get(mode.label)
         t2 = time.perf_counter()
         dlg = run.dlg(mode)
         t3 = time.perf_counter()
@@ -254,6 +287,7 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
             "split_mode": mode.split_mode,
             "sigma": _num(mode.sigma, 6),
             "epsilon": _num(util.epsilon),
+            "epsilon_releases_only": _num(util.epsilon_releases_only),
             "epsilon_target": mode.epsilon,
             "delta": mode.delta,
             "test_accuracy": _num(util.test_accuracy),
@@ -263,6 +297,19 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
             "inversion_layer": best.layer,
             "inversion_baseline_psnr": _num(best.baseline_psnr, 3),
             "inversion_baseline_ssim": _num(best.baseline_ssim, 4),
+            "inversion_npsnr": _num(best_n.npsnr, 3),
+            "inversion_nssim": _num(best_n.nssim, 4),
+            "inversion_baseline_npsnr": _num(best_n.baseline_npsnr, 3),
+            "inversion_npsnr_layer": best_n.layer,
+            "reid_accuracy": _num(best_reid.reid, 4),
+            "reid_top5": _num(best_reid.reid_top5, 4),
+            "reid_chance": _num(best_reid.reid_chance, 5),
+            "reid_layer": best_reid.layer,
+            "joint": _rounded(inv[JOINT].as_dict()) if JOINT in inv else None,
+            "span_u_cos": _num(span["cos"], 4) if span else None,
+            "span_u_cos_random": _num(span["cos_random"], 4) if span else None,
+            "covers": util.covers,
+            "privacy_notes": util.notes,
             "inversion": {k: _rounded(r.as_dict()) for k, r in inv.items()},
             "dlg_psnr": _num(dlg[b1].psnr, 3) if b1 is not None else None,
             "dlg_ssim": _num(dlg[b1].ssim, 4) if b1 is not None else None,
@@ -284,8 +331,9 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, *, log: Log | None = None
         }
         rows.append(row)
         examples[mode.label] = {"inversion": best, "dlg": dlg}
-        run.say(f"[{mode.label}] acc={row['test_accuracy']} eps={row['epsilon']} inversion={row['inversion_psnr']} "
-                f"dB dlg(b1)={row['dlg_psnr']} dB ({row['seconds']} s: {row['seconds_by_phase']})")
+        run.say(f"[{mode.label}] acc={row['test_accuracy']} eps={row['epsilon']} covers={','.join(util.covers) or '-'} "
+                f"inversion={row['inversion_psnr']} dB nPSNR={row['inversion_npsnr']} dB reid={row['reid_accuracy']} "
+                f"dlg(b1)={row['dlg_psnr']} dB ({row['seconds']} s: {row['seconds_by_phase']})")
 
     data: dict[str, Any] = {
         "rows": rows,
@@ -323,8 +371,14 @@ def run_attack(kind: str, cfg: ReportConfig, *, log: Log | None = None) -> dict[
         if kind == "inversion":
             inv, mi = run.inversion(mode)
             best = max(inv.values(), key=lambda r: r.psnr)
+            best_reid = max(inv.values(), key=lambda r: r.reid)
+            span = run.span_u.get(mode.label)
             row.update(inversion_psnr=_num(best.psnr, 3), inversion_ssim=_num(best.ssim, 4),
                        inversion_layer=best.layer, inversion_baseline_psnr=_num(best.baseline_psnr, 3),
+                       inversion_npsnr=_num(max(r.npsnr for r in inv.values()), 3),
+                       inversion_baseline_npsnr=_num(best.baseline_npsnr, 3),
+                       reid_accuracy=_num(best_reid.reid, 4), reid_chance=_num(best_reid.reid_chance, 5),
+                       span_u_cos=_num(span["cos"], 4) if span else None,
                        inversion={k: _rounded(r.as_dict()) for k, r in inv.items()})
         elif kind == "dlg":
             dlg = run.dlg(mode)
@@ -368,16 +422,33 @@ def _command(cfg: ReportConfig) -> str:
         cmd += f" --rank {cfg.utility.rank}"
     if cfg.utility.batch_size != default.utility.batch_size:
         cmd += f" --batch-size {cfg.utility.batch_size}"
+    if cfg.extra_public != default.extra_public:
+        cmd += f" --extra-public {cfg.extra_public}"
+    if cfg.utility.dp_updates != default.utility.dp_updates:
+        cmd += " --no-dp-updates"
+    if cfg.utility.update_clip != default.utility.update_clip:
+        cmd += f" --update-clip {cfg.utility.update_clip:g}"
+    if cfg.utility.limit_train != default.utility.limit_train:
+        cmd += f" --limit-train {cfg.utility.limit_train}"
     return cmd
 
 
 NOTES = [
-    "epsilon: (epsilon, delta)-DP of every noised release of one digits training sample -- forward residual "
-    "releases and protected-mode gradient-residual releases, each a Gaussian mechanism (sensitivity = its clip), "
-    "composed over all steps with Opacus' RDP accountant under Poisson sampling. None = infinite (no noise).",
-    "epsilon does NOT cover the parameter updates: weights are public and re-sent every step, so the accelerator "
-    "learns W_{t+1} - W_t = -lr * gradient, computed by the trusted context without noise. dlg_psnr measures "
-    "what that leaks; protecting it needs DP-SGD on the trusted side, which asymml does not do.",
+    "epsilon: (epsilon, delta)-DP of one digits training sample over everything its row's `covers` lists -- "
+    "forward residual releases (activations), protected-mode gradient-residual releases (gradients) and, with "
+    "DP-SGD on the updates (the default), the per-sample clipped and noised trusted share of every update "
+    "(updates); each a Gaussian mechanism (sensitivity = its clip), composed per step and over all steps with "
+    "Opacus' RDP accountant, amplified by Poisson sampling drawn from the secure generator (sampling). "
+    "None = infinite (no noise). A row whose covers lacks 'updates' reports only the releases' epsilon: the "
+    "accelerator also sees the weight updates, which that figure does not cover.",
+    "noise and Poisson masks: ChaCha20 under a 256-bit OS key (asymml.privacy.secure_rng), hardened Gaussians "
+    "(sum of 4 Box-Muller draws, as Opacus' secure_mode); the key is never stored. Models use GroupNorm and noised "
+    "modes split with per-sample bases and cold starts, so each release depends on one sample.",
+    "inversion_npsnr / inversion_nssim: PSNR / SSIM after a per-image, per-channel affine fit of the reconstruction "
+    "to the target (scale-invariant: brightness and colour a public decoder cannot know do not count); "
+    "inversion_baseline_npsnr is a flat image of the right colours. reid_accuracy: fraction of private patches "
+    "whose reconstruction correlates best with their own patch among all private patches (reid_chance = 1/N). "
+    "'joint' attacks all of a sample's forward releases at once.",
     "clip rule (same in every mode): per layer, clip = min(median release norm, noise_ratio * median whole-"
     "activation norm / (sigma * sqrt(d))) on public calibration data, so the noise norm is at most noise_ratio "
     "of a typical activation. A whole-activation release (noise-only) has signal-to-noise at most "
@@ -406,7 +477,8 @@ def _gain(psnr_db: float | None, baseline: float | None) -> float | None:
 
 
 def _attack_gains(r: dict[str, Any]) -> dict[str, float | None]:
-    out = {"inversion": _gain(r.get("inversion_psnr"), r.get("inversion_baseline_psnr"))}
+    out = {"inversion": _gain(r.get("inversion_psnr"), r.get("inversion_baseline_psnr")),
+           "inversion_npsnr": _gain(r.get("inversion_npsnr"), r.get("inversion_baseline_npsnr"))}
     for b, d in (r.get("dlg") or {}).items():
         out[f"dlg_b{b}"] = _gain(d.get("psnr"), d.get("baseline_psnr"))
     if not r.get("dlg"):
@@ -417,13 +489,14 @@ def _attack_gains(r: dict[str, Any]) -> dict[str, float | None]:
 
 
 def claim_check(rows: Sequence[dict[str, Any]], *, acc_tol: float = 0.05, acc_gap: float = 0.10,
-                psnr_tol: float = 1.0) -> dict[str, Any]:
+                psnr_tol: float = 1.0, reid_tol: float = 0.05) -> dict[str, Any]:
     """Does the paper's claim hold on these rows?
 
     Per epsilon: (a) asym+noise accuracy within ``acc_tol`` of the noise-free model (asym without noise);
     (b) noise-only loses at least ``acc_gap`` more accuracy than asym+noise; (c) attacks on asym+noise do
-    no better than on noise-only: for the inversion and each DLG batch size, the attack's gain over its
-    prior (``max(0, PSNR - baseline PSNR)``) is at most ``psnr_tol`` dB above noise-only's.
+    no better than on noise-only: for the inversion (plain and normalised PSNR) and each DLG batch size,
+    the attack's gain over its prior (``max(0, PSNR - baseline PSNR)``) is at most ``psnr_tol`` dB above
+    noise-only's, and re-identification accuracy at most ``reid_tol`` above noise-only's.
     """
     by = {(r["mode"], r["epsilon_target"]): r for r in rows}
     ref = by.get(("asym", None)) or by.get(("plain", None))
@@ -439,12 +512,16 @@ def claim_check(rows: Sequence[dict[str, Any]], *, acc_tol: float = 0.05, acc_ga
         ga, gn = _attack_gains(a), _attack_gains(n)
         worse = {k: (ga[k], gn.get(k)) for k in ga
                  if ga[k] is not None and gn.get(k) is not None and ga[k] > gn[k] + psnr_tol}
-        inv_ok = "inversion" not in worse
+        ra, rn = a.get("reid_accuracy"), n.get("reid_accuracy")
+        reid_ok = ra is None or rn is None or ra <= rn + reid_tol
+        inv_ok = "inversion" not in worse and "inversion_npsnr" not in worse and reid_ok
         dlg_ok = not any(k.startswith("dlg") for k in worse)
         per_eps.append({
             "epsilon": e, "accuracy_noise_free": acc_ref, "accuracy_asym_noise": a["test_accuracy"],
             "accuracy_noise_only": n["test_accuracy"], "asym_keeps_accuracy": c_a,
             "noise_only_loses_more": c_b, "attack_gain_db_asym_noise": ga, "attack_gain_db_noise_only": gn,
+            "reid_asym_noise": ra, "reid_noise_only": rn, "reid_no_better_than_noise_only": reid_ok,
+            "covers_asym_noise": a.get("covers"), "covers_noise_only": n.get("covers"),
             "inversion_no_better_than_noise_only": inv_ok, "dlg_no_better_than_noise_only": dlg_ok,
             "holds": bool(c_a and c_b and inv_ok and dlg_ok),
         })
@@ -455,7 +532,7 @@ def claim_check(rows: Sequence[dict[str, Any]], *, acc_tol: float = 0.05, acc_ga
         "attack_works_on_plain": None if plain is None else {
             "inversion_psnr": plain["inversion_psnr"], "dlg_psnr": plain["dlg_psnr"],
             "inversion_above_baseline_db": _num(plain["inversion_psnr"] - plain["inversion_baseline_psnr"], 2)},
-        "criteria": {"acc_tol": acc_tol, "acc_gap": acc_gap, "psnr_tol_db": psnr_tol,
+        "criteria": {"acc_tol": acc_tol, "acc_gap": acc_gap, "psnr_tol_db": psnr_tol, "reid_tol": reid_tol,
                      "attack_gain": "max(0, PSNR - PSNR of the attacker's prior, the mean public patch)"},
     }
 
@@ -604,24 +681,53 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def span_u_sentence(rows: Sequence[dict[str, Any]]) -> str:
+    """One paragraph, from the measured rows, on how well the accelerator recovers ``span(U)``."""
+    measured = [r for r in rows if r.get("span_u_cos") is not None]
+    if not measured:
+        return "span(U) recovery was not measured (no split mode released the input layer)."
+    parts = [f"{r['label']}: mean |cos| of the principal angles {r['span_u_cos']:.3f} (random guess "
+             f"{r['span_u_cos_random']:.3f})" for r in measured]
+    clean = [r for r in measured if r["mode"] == "asym"]
+    msg = ("Without noise the released input residual is R = (I - UU^T)X, so U^T R = 0 and the accelerator reads "
+           "each private image's trusted basis span(U) off the null space of R R^T. Measured against the top "
+           "singular subspace of each private patch: " + "; ".join(parts) + ". ")
+    if clean and clean[0]["span_u_cos"] > 0.9:
+        msg += ("At the input U (rank 1) is each image's dominant colour axis: the accelerator learns every private "
+                "image's colour palette exactly and, with R, everything but the one intensity map V along that axis, "
+                "which is what stays trusted. ")
+    noisy = [r for r in measured if r["mode"] == "asym+noise"]
+    if noisy:
+        near = all(r["span_u_cos"] <= r["span_u_cos_random"] + 0.1 for r in noisy)
+        msg += ("With noise on the releases the estimate is " + ("no better than a random guess" if near else
+                "still better than a random guess") + ".")
+    return msg
+
+
 def summary_markdown(data: dict[str, Any]) -> str:
     """The report's ``summary.md``."""
     rows = data["rows"]
     sizes = sorted({int(k[len("dlg_psnr_b"):]) for r in rows for k in r if k.startswith("dlg_psnr_b")})
-    head = ["mode", "σ", "ε", "test acc", "inv. PSNR (dB)", "inv. SSIM", "inv. layer"]
+    head = ["mode", "σ", "ε", "covers", "test acc", "inv. PSNR (dB)", "inv. SSIM", "inv. layer", "inv. nPSNR (dB)",
+            "re-id", "span(U) cos"]
     head += [f"DLG PSNR B={b}" for b in sizes] + ["MI (nats)"]
     lines = ["# asymml privacy report", "",
              f"Regenerate: `{data['command']}` ({data['seconds']} s here).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        cells = [r["mode"], f"{r['sigma']:.3g}", eps, _fmt(r["test_accuracy"], 3), _fmt(r["inversion_psnr"], 1),
-                 _fmt(r["inversion_ssim"], 3), str(r["inversion_layer"])]
+        cells = [r["mode"], f"{r['sigma']:.3g}", eps, ", ".join(r.get("covers") or []) or "–",
+                 _fmt(r["test_accuracy"], 3), _fmt(r["inversion_psnr"], 1), _fmt(r["inversion_ssim"], 3),
+                 str(r["inversion_layer"]), _fmt(r.get("inversion_npsnr"), 1), _fmt(r.get("reid_accuracy"), 3),
+                 _fmt(r.get("span_u_cos"), 3)]
         cells += [_fmt(r.get(f"dlg_psnr_b{b}"), 1) for b in sizes] + [_fmt(r["mi_nats"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
         lines += ["", f"Inversion baseline (guess the mean public patch): {rows[0]['inversion_baseline_psnr']:.1f} dB "
-                  f"PSNR, SSIM {rows[0]['inversion_baseline_ssim']:.3f}."]
+                  f"PSNR, SSIM {rows[0]['inversion_baseline_ssim']:.3f}; normalised PSNR of a flat image of the right "
+                  f"colours: {_fmt(rows[0].get('inversion_baseline_npsnr'), 1)} dB; re-identification chance: "
+                  f"{_fmt(rows[0].get('reid_chance'), 4)}."]
+    lines += ["", "## What the residual's null space reveals: span(U)", "", span_u_sentence(rows)]
     c = data["claim"]
     lines += ["", "## The paper's claim", "",
               "At equal ε, asym keeps accuracy near the noise-free model while noise-only loses much more, and attacks "
@@ -632,22 +738,26 @@ def summary_markdown(data: dict[str, Any]) -> str:
             f"- ε={p['epsilon']:g}: accuracy noise-free {p['accuracy_noise_free']:.3f}, asym+noise "
             f"{p['accuracy_asym_noise']:.3f} ({'kept' if p['asym_keeps_accuracy'] else 'NOT kept'}), noise-only "
             f"{p['accuracy_noise_only']:.3f} ({'loses more' if p['noise_only_loses_more'] else 'does NOT lose more'}); "
+            f"covers {', '.join(p.get('covers_asym_noise') or []) or '–'}; "
             f"inversion on asym+noise {'no better' if p['inversion_no_better_than_noise_only'] else 'BETTER'} and "
             f"DLG {'no better' if p['dlg_no_better_than_noise_only'] else 'BETTER'} than on noise-only."
         )
     cr = c["criteria"]
     lines += ["", f"Criteria: kept = within {cr['acc_tol']:.2f} of asym without noise; loses more = at least "
               f"{cr['acc_gap']:.2f} below asym+noise; no better = the attack's gain over its prior (PSNR minus the "
-              f"mean-public-patch PSNR, floored at 0) at most {cr['psnr_tol_db']:.1f} dB above noise-only's.", ""]
+              f"mean-public-patch PSNR, floored at 0; likewise for normalised PSNR) at most {cr['psnr_tol_db']:.1f} dB "
+              f"above noise-only's, and re-identification at most {cr.get('reid_tol', 0.05):.2f} above noise-only's.", ""]
     if c.get("attack_works_on_plain"):
         p = c["attack_works_on_plain"]
         lines.append(f"Sanity: against plain the inversion reaches {p['inversion_psnr']:.1f} dB "
                      f"({p['inversion_above_baseline_db']:+.1f} dB over the baseline) and DLG {_fmt(p['dlg_psnr'], 1)} dB.")
     lines += ["", "## Gradient leakage and what ε covers", ""]
     for r in rows:
+        noised = "updates" in (r.get("covers") or [])
         lines.append(f"- {r['label']}: the update of {len(r['dlg_revealed'])} parameter tensors is revealed"
                      + (f" ({', '.join(r['dlg_revealed'][:6])}{', …' if len(r['dlg_revealed']) > 6 else ''})"
-                        if r["dlg_revealed"] else ""))
+                        if r["dlg_revealed"] else "")
+                     + ("; DP-SGD noised, covered by ε" if noised else "; not noised, NOT covered by ε"))
     lines += ["", "## Residual energy ‖R‖²/‖X‖² (photos, mean per layer)", ""]
     for r in rows:
         e = ", ".join(f"{k}: {v['mean']:.3f}" for k, v in r["energy_ratio_photos"].items() if not k.endswith(":grad"))

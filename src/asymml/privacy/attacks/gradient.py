@@ -81,20 +81,36 @@ def capture_update(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     probe: Tensor | None = None,
     split_kw: Mapping[str, Any] | None = None,
+    dp_update: tuple[float, float] | None = None,
 ) -> UpdateCapture:
     """Run one real SGD step (no momentum) of ``model`` split in ``mode`` on ``(x, y)``; read the ledger.
 
     ``probe`` (public data, default: ``x[:1]`` zeroed) is forwarded after the step so that the updated
     weights reach the accelerator, as the next step's forward would. ``model`` itself is updated.
+    ``dp_update=(clip, sigma)``: the step is DP-SGD -- per-sample trusted shares clipped to ``clip`` and
+    noised with multiplier ``sigma`` (:class:`asymml.training.dp.UpdatePrivatizer`), as noised runs train.
     """
     loss_fn = loss_fn or F.cross_entropy
     before = copy.deepcopy(model)
     sm = build_split(model, mode, clips, audit=True, **dict(split_kw or {}))
     sm.executor.ledger.reset()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
-    loss = loss_fn(sm(x), y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if dp_update is None:
+        loss = loss_fn(sm(x), y)
+        loss.backward()
+    else:
+        from ...training.dp import UpdatePrivatizer
+        from ..secure_rng import SecureGenerator
+
+        priv = UpdatePrivatizer(model.parameters(), clip=dp_update[0], noise_multiplier=dp_update[1],
+                                generator=SecureGenerator())
+        sm.public_grad_sink = priv.public_sink
+        for i in range(len(x)):
+            loss_fn(sm(x[i:i + 1]), y[i:i + 1]).backward()  # one sample's gradient (loss_fn: a mean)
+            priv.add_sample()
+        priv.finish(float(len(x)), step=0)
+        sm.public_grad_sink = None
     opt.step()
     with torch.no_grad():
         sm(torch.zeros_like(x[:2]) if probe is None else probe)
