@@ -265,6 +265,14 @@ class SplitOptions:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def from_attrs(cls, obj: Any, **overrides: Any) -> SplitOptions:
+        """Build from the same-named attributes of ``obj`` (a training or bench config that carries typed
+        split fields), then ``overrides``; validated like any construction."""
+        kw = {n: getattr(obj, n) for n in cls.names() if hasattr(obj, n)}
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-friendly values (a rank policy object becomes its description)."""
         out = {n: getattr(self, n) for n in self.names()}

@@ -72,6 +72,19 @@ def test_from_dict_converts_text_like_the_command_line() -> None:
     assert SplitOptions.from_dict({"lr": 0.1, "iters": 3}, ignore_unknown=True).iters == 3
 
 
+def test_from_attrs_of_another_config() -> None:
+    @dataclasses.dataclass
+    class Other:
+        rank: str = "4"
+        iters: int = 3
+        lr: float = 0.1
+        warm_start: str = "no"  # typed construction: a string is not a bool
+
+    assert SplitOptions.from_attrs(Other(), warm_start=False).iters == 3
+    with pytest.raises(ConfigError, match="warm_start"):
+        SplitOptions.from_attrs(Other())
+
+
 def test_generated_arguments() -> None:
     p = argparse.ArgumentParser()
     add_arguments(p)
