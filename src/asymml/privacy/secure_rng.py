@@ -23,7 +23,7 @@ inside the clip bound and subtracts the noise exactly.
     sampling amplification or a DP guarantee against a party that may know the seed.
 
 Gaussians (:meth:`SecureGenerator.standard_normal`)
-    53-bit uniforms ``u = (k + 0.5) / 2^53`` in the open interval (0, 1) from 64-bit keystream words, then
+    52-bit uniforms ``u = (k + 0.5) / 2^52`` in the open interval (0, 1) from 64-bit keystream words, then
     Box–Muller in float64 (both outputs used).  **Floating-point hardening** as Opacus' ``secure_mode``
     (``opacus.optimizers.optimizer._generate_noise``; Holohan et al., arXiv:2107.10138 §5.1): each output
     is the sum of ``2n = 4`` independent Gaussians divided by 2 (still exactly N(0, 1)).  A single
@@ -69,8 +69,8 @@ HARDENING_DRAWS = 4
 """Gaussian draws summed per output element (Opacus' secure_mode: 2n with n = 2), divided by sqrt(4) = 2."""
 
 _TWO_PI = 2.0 * math.pi
-_INV_2_53 = 1.0 / float(1 << 53)
-_OFFSET_53 = float(1 << 52) + 0.5
+_MANTISSA = (1 << 52) - 1
+_ONE_BITS = 0x3FF0000000000000  # IEEE-754 bits of 1.0
 _CHUNK = 1 << 21  # Box–Muller pairs per chunk
 
 
@@ -162,10 +162,11 @@ class SecureGenerator:
         return out
 
     def uniform(self, n: int, *, label: str | None = None, index: int | None = None) -> Tensor:
-        """``n`` float64 uniforms in the open interval (0, 1), multiples of 2^-53 offset by 2^-54."""
+        """``n`` float64 uniforms in the open interval (0, 1): ``(k + 1/2) / 2^52`` for a uniform 52-bit ``k``."""
         w = self.random_words(n, label=label, index=index)
-        # the top 53 bits as a signed integer in [-2^52, 2^52) (exact in float64), shifted to (0, 2^53)
-        return (w >> 11).to(torch.float64).add_(_OFFSET_53).mul_(_INV_2_53)
+        # 52 random mantissa bits under the exponent of 1.0: a double uniform on [1, 2) (no rounding), then
+        # shifted by 1 - 2^-53 so that neither 0 nor 1 can occur (Box–Muller takes log(u))
+        return w.bitwise_and_(_MANTISSA).bitwise_or_(_ONE_BITS).view(torch.float64).sub_(1.0 - 2.0**-53)
 
     def standard_normal(
         self,
@@ -211,7 +212,7 @@ def _fresh(insecure_seed: int | None) -> SecureGenerator:
 def poisson_mask(n: int, sample_rate: float, *, generator: SecureGenerator) -> Tensor:
     """Boolean mask of ``n`` samples, each ``True`` independently with probability ``sample_rate``.
 
-    Drawn from ``generator`` (53-bit uniforms) so that batch membership is unpredictable to the
+    Drawn from ``generator`` (52-bit uniforms) so that batch membership is unpredictable to the
     accelerator -- the precondition of the accountant's subsampling amplification.
     """
     if not isinstance(generator, SecureGenerator):
