@@ -80,7 +80,7 @@ def _ids(msg: dict[str, Any], name: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- one client
-class _Connection:
+class Connection:
     """The state of one client: its executor, handle/weight/program tables and the reply channel."""
 
     def __init__(self, server: AcceleratorServer, sock: socket.socket, peer: str) -> None:
@@ -384,6 +384,9 @@ class AcceleratorServer:
     file descriptors) pause accepting briefly instead of stopping the server.
     """
 
+    #: serves one client (a subclass may be substituted, e.g. by tests that play a malicious accelerator)
+    connection_class: type[Connection] = Connection
+
     def __init__(self, address: str, device: str = "auto", *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
                  tls: TLSConfig | None = None, insecure: bool = False, max_connections: int = 16,
                  idle_timeout: float | None = 3600.0, frame_timeout: float = 600.0,
@@ -410,7 +413,7 @@ class AcceleratorServer:
         self.max_payload = max_payload
         self._addr = addr
         self._stopping = threading.Event()
-        self._conns: set[_Connection] = set()
+        self._conns: set[Connection] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._unix_path: str | None = None
@@ -501,14 +504,14 @@ class AcceleratorServer:
                 sock.close()
             return
         log.info("%s: connected", name)
-        conn = _Connection(self, sock, name)
+        conn = self.connection_class(self, sock, name)
         with self._lock:
             self._conns.add(conn)
         t = threading.Thread(target=self._run_conn, args=(conn,), name=f"asymml-serve-{name}", daemon=True)
         self._threads.append(t)
         t.start()
 
-    def _run_conn(self, conn: _Connection) -> None:
+    def _run_conn(self, conn: Connection) -> None:
         try:
             conn.serve()
         except Exception:  # never let one client take the server down

@@ -664,6 +664,10 @@ def time_overhead(model: torch.nn.Module, x: Tensor, *, steps: int = 3, **split_
     def run(verify: bool) -> tuple[float, float]:
         ex = LocalExecutor("cpu", verify=verify)
         try:
+            import inspect
+
+            if "placement" in inspect.signature(split).parameters:
+                split_kw.setdefault("placement", "split")  # time every splittable layer
             sm = split(model, executor=ex, **split_kw)
             times = []
             for _ in range(steps + 1):  # first step warms caches
