@@ -55,22 +55,50 @@ def test_mutual_tls_trains(pki, tls_server):
         assert ex.verifier.stats()["failures"] == 0
 
 
-@pytest.mark.parametrize("who", ["no certificate", "certificate from another CA", "server from another CA"])
+def _hello_without_client_cert(address: str, ca: str) -> None:
+    """A TLS client that trusts the server but presents no certificate, then says hello."""
+    import socket
+    import ssl
+
+    from asymml.executors.wire import PROTOCOL_VERSION, Transport, decode_message, encode_message, read_frame, send_buffers
+
+    ctx = ssl.create_default_context(cafile=ca)
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    try:
+        t = Transport.wrap(sock, ctx, server_side=False, server_hostname=host, deadline=time.monotonic() + 5)
+        send_buffers(t, encode_message({"id": 1, "op": "hello", "version": PROTOCOL_VERSION}))
+        end = time.monotonic() + 5
+        decode_message(*read_frame(t, deadline=lambda: end))
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("who", ["plain client", "no client certificate", "client certificate from another CA",
+                                 "server from another CA"])
 def test_unauthenticated_peers_are_refused(pki, tls_server, who):
+    import ssl
+
     t0 = time.monotonic()
-    if who == "no certificate":  # a plain client: the server refuses the connection
+    a, b = pki / "a", pki / "b"
+    if who == "plain client":  # no TLS at all
         with pytest.raises(AcceleratorConnectionError):
             RemoteExecutor(tls_server.address, timeout=5, connect_timeout=5)
-    elif who == "certificate from another CA":
+    elif who == "no client certificate":  # TLS that trusts the server, but no client certificate
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _hello_without_client_cert(tls_server.address, str(a / "ca.pem"))
+    elif who == "client certificate from another CA":  # trusts the server; its own certificate is from CA b
+        creds = {"tls_cert": str(b / "client.pem"), "tls_key": str(b / "client.key"), "tls_ca": str(a / "ca.pem")}
         with pytest.raises(AcceleratorConnectionError):
-            RemoteExecutor(tls_server.address, **_creds(pki / "b", "client"), timeout=5, connect_timeout=5)
+            with RemoteExecutor(tls_server.address, **creds, timeout=5, connect_timeout=5) as ex:
+                ex.synchronize()
     else:  # our client trusts CA b only: the server's certificate (CA a) is refused
-        creds = _creds(pki / "a", "client")
-        creds["tls_ca"] = str(pki / "b" / "ca.pem")
+        creds = _creds(a, "client")
+        creds["tls_ca"] = str(b / "ca.pem")
         with pytest.raises(AcceleratorConnectionError, match="TLS|certificate"):
             RemoteExecutor(tls_server.address, **creds, timeout=5, connect_timeout=5)
     assert time.monotonic() - t0 < 15
-    with make_executor(tls_server.address, **_creds(pki / "a", "client")) as ex:  # still serving
+    with make_executor(tls_server.address, **_creds(a, "client")) as ex:  # still serving
         ex.synchronize()
 
 
