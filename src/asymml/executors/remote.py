@@ -52,7 +52,6 @@ from .wire import (
     ONE_WAY,
     PROTOCOL_VERSION,
     Transport,
-    _Keep,
     decode_body,
     decode_message,
     decode_program,
@@ -64,6 +63,7 @@ from .wire import (
     read_prefix,
     recv_exact,
     send_buffers,
+    sent_tensors,
 )
 
 __all__ = [
@@ -381,8 +381,8 @@ class RemoteExecutor(Executor):
         bufs = self._one_way({"op": "release", "hid": hid, "layer": layer, "kind": kind, "tensor": tensor})
         v = self.verifier
         if v is not None:  # the snapshot that was sent (the caller may reuse its tensor)
-            keep = next(b for b in reversed(bufs) if isinstance(b, _Keep))
-            v.release(hid, keep.tensors[0].view(tensor.shape) if keep.tensors else tensor)
+            sent = sent_tensors(bufs)
+            v.release(hid, sent[0] if sent else tensor)
         return Handle(hid, tuple(tensor.shape))
 
     def discard(self, handles: list[Handle]) -> None:

@@ -44,7 +44,7 @@ from torch.nn.grad import conv2d_input
 
 from ..errors import IntegrityError, ProtocolError
 from .base import BackwardRequest
-from .ops import OPS, Instr, _scale, infer_shapes
+from .ops import OPS, Instr, infer_shapes
 
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype] | None]
 
@@ -141,7 +141,7 @@ def adjoint(program: list[Instr], params: dict[str, Tensor], seeds: dict[str, Va
             outs = [(gd.to(W.dtype) @ W).to(gd.dtype)]
         elif op in ("scale", "bn_scale"):
             s = _scale_vec(ins, params)
-            outs = [Fact(g.u * s.to(g.u.dtype), g.V) if isinstance(g, Fact) else _scale(g, s.to(g.dtype))]
+            outs = [Fact(g.u * s.to(g.u.dtype), g.V) if isinstance(g, Fact) else OPS["scale"](g, s.to(g.dtype))]
         elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(g, Fact):
             shp = arg_shapes[0][0]
             outs = [Fact(g.u, _generic_vjp(ins, g.V, (shp[0], 1, *shp[2:]), params))]
@@ -206,7 +206,7 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
                 y = F.linear(xd.to(W.dtype), W).to(xd.dtype)
             elif op in ("scale", "bn_scale"):
                 s = _scale_vec(ins, params)
-                y = Fact(x.u * s.to(x.u.dtype), x.V) if isinstance(x, Fact) else _scale(x, s.to(x.dtype))
+                y = Fact(x.u * s.to(x.u.dtype), x.V) if isinstance(x, Fact) else OPS["scale"](x, s.to(x.dtype))
             elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(x, Fact):
                 y = Fact(x.u, OPS[op](x.V, **ins.kw))
             elif op == "identity":

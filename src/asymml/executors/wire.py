@@ -308,7 +308,7 @@ def _tensor_bytes(t: Tensor, copy: bool) -> tuple[Tensor, memoryview]:
 
 
 class _Keep:
-    """Keeps tensors alive alongside the buffers that view them (skipped when sending)."""
+    """Keeps tensors alive alongside the buffers that view them (skipped when sending; see :func:`sent_tensors`)."""
 
     __slots__ = ("tensors",)
 
@@ -338,6 +338,15 @@ def encode_message(msg: dict[str, Any], *, copy: bool = True) -> list[Any]:
         raise ValueError(f"message header too large ({len(header)} bytes)")
     # ``keep`` must outlive the memoryviews: they point into these tensors' storage
     return [PREFIX.pack(MAGIC, len(header), offset) + header, *bufs, _Keep(keep)]
+
+
+def sent_tensors(bufs: list[Any]) -> list[Tensor]:
+    """The (CPU, contiguous) tensors an encoded frame sends, in message order: with ``copy=True`` these are
+    snapshots, safe to keep even if the caller later changes its own tensors."""
+    for b in reversed(bufs):
+        if isinstance(b, _Keep):
+            return b.tensors
+    return []
 
 
 def payload_size(descs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> int:
