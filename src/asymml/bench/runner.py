@@ -199,10 +199,11 @@ class _DeferredPool:
     layer then never overlaps (and never shares the CPU) with the accelerator share, so both sides' times
     are free of contention; the step time becomes their sum."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, on_wait: Callable[[float], None] | None = None) -> None:
         self.pool = pool
         self.pending: list[tuple[Callable[[], Any], _DeferredFuture]] = []
         self.lock = threading.Lock()
+        self.on_wait = on_wait  # told how long each wait on the real worker took (blocked time)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         fut = _DeferredFuture(self)
@@ -214,10 +215,19 @@ class _DeferredPool:
         with self.lock:
             jobs, self.pending = self.pending, []
         for fn, fut in jobs:
+            t0 = time.perf_counter()
             try:
-                fut.set_result(self.pool.submit(fn).result())
+                res = self.pool.submit(fn).result()
             except BaseException as e:  # handed to the waiting caller
+                self._waited(t0)
                 fut.set_exception(e)
+            else:
+                self._waited(t0)
+                fut.set_result(res)  # callbacks (e.g. result checks) run here, in the waiting thread
+
+    def _waited(self, t0: float) -> None:
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - t0)
 
     def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
         self.flush()
@@ -248,10 +258,15 @@ class _TimedFuture(Future):
             self.set_result(f.result())
 
     def _wait(self, timeout: float | None) -> None:
+        pool = self._owner._pool
+        if isinstance(pool, _DeferredPool):
+            # serialized: run the pending jobs now; the pool reports only its waits on the worker as blocked
+            # time, so what runs in this thread around them (result checks in done-callbacks) stays trusted time
+            pool.flush()
         t0 = time.perf_counter()
         try:
             try:
-                self._inner.result(timeout)  # starts a deferred (serialized) job
+                self._inner.result(timeout)
             except BaseException:  # re-raised by the caller's own result()/exception()
                 pass
             super().exception(timeout)  # the chained copy is set right after the inner one
@@ -297,7 +312,7 @@ class _BenchExecutor(LocalExecutor):
         """Run accelerator jobs only when the trusted side waits for them (no overlap) — or concurrently."""
         if isinstance(self._pool, _DeferredPool):
             self._pool.flush()
-        self._pool = _DeferredPool(self._real_pool) if on else self._real_pool
+        self._pool = _DeferredPool(self._real_pool, self._waited) if on else self._real_pool
 
     def _waited(self, dt: float) -> None:
         if threading.get_ident() == self.step_thread:
