@@ -222,12 +222,21 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
     return env
 
 
-def _ip(s: Val, t: Tensor | None, r: Tensor | None) -> float:
-    """``⟨S, t⟩`` for ``S = r ⊗ s`` (batch-collapsed, ``s`` of batch 1) or ``S = s`` (``r`` is None)."""
+def _collapse(Rm: Tensor, t: Tensor) -> Tensor:
+    """``Rm @ t`` over the batch: (R, B) × (B, …) → (R, …), one pass over ``t`` for all rounds."""
+    B = t.shape[0]
+    R = Rm.to(t.dtype)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        tp = t.permute(0, 2, 3, 1)  # a contiguous view: no copy
+        out = (R @ tp.reshape(B, -1)).view(Rm.shape[0], *tp.shape[1:])
+        return out.permute(0, 3, 1, 2)
+    return (R @ t.reshape(B, -1)).view(Rm.shape[0], *t.shape[1:])
+
+
+def _ip(s: Val, t: Tensor | None) -> float:
+    """``⟨s, t⟩`` (``t`` already collapsed to the batch of ``s`` where that applies)."""
     if s is None or t is None:
         return 0.0
-    if r is not None:
-        t = torch.tensordot(r.to(t.dtype), t, dims=([0], [0])).unsqueeze(0)
     if isinstance(s, Fact):
         m = torch.einsum("bchw,c->bhw", t, s.u.to(t.dtype))
         return float((m.double() * s.V[:, 0]).sum())
@@ -235,7 +244,8 @@ def _ip(s: Val, t: Tensor | None, r: Tensor | None) -> float:
 
 
 def _norm2(t: Tensor | None) -> float:
-    return 0.0 if t is None else float(torch.linalg.vector_norm(t.double() if t.dtype != torch.float64 else t)) ** 2
+    """‖t‖² accumulated in float64 (no overflow for float32 data); NaN/Inf anywhere make it non-finite."""
+    return 0.0 if t is None else float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
 @dataclass
@@ -245,7 +255,8 @@ class _Forward:
     shapes: Shapes
     collapsed: bool
     layer: str
-    value_exp: dict[str, list[tuple[Tensor | None, Val, float]]] = field(default_factory=dict)
+    Rm: Tensor | None  # the batch projections (rounds × B) shared by this forward's checks
+    value_exp: dict[str, list[tuple[Val, float]]] = field(default_factory=dict)
 
 
 class Verifier:
@@ -268,6 +279,28 @@ class Verifier:
         self._forwards: dict[int, _Forward] = {}
         self._shape_cache: dict[tuple, tuple[Shapes, bool]] = {}
         self._stats = {"checks": 0, "failures": 0, "seconds": 0.0}
+        self._norms: dict[int, tuple[Tensor, float]] = {}
+        self._coll: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def _ipk(self, s: Val, t: Tensor | None, Rm: Tensor | None, k: int) -> float:
+        """``⟨S, t⟩`` for ``S = Rm[k] ⊗ s`` (batch-collapsed) or ``S = s`` (``Rm`` is None)."""
+        if s is None or t is None:
+            return 0.0
+        if Rm is not None:
+            key = (id(t), id(Rm))
+            hit = self._coll.get(key)
+            if hit is None or hit[0] is not t:
+                hit = (t, _collapse(Rm, t))
+                self._coll[key] = hit
+            t = hit[1][k:k + 1]
+        return _ip(s, t)
+
+    def _n2(self, t: Tensor | None) -> float:
+        """‖t‖² of a tensor already checked by :meth:`_tensor_ok` in this check (computed once)."""
+        if t is None:
+            return 0.0
+        hit = self._norms.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else _norm2(t)
 
     # ------------------------------------------------------------------ bookkeeping
     def release(self, hid: int, tensor: Tensor) -> None:
@@ -357,8 +390,11 @@ class Verifier:
             raise self._fail(layer, f"{where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         if t.dtype != dtype:
             raise self._fail(layer, f"{where} has dtype {t.dtype}, expected {dtype}")
-        if not torch.isfinite(t).all():
+        # one pass gives the norm (needed for the tolerance) and finiteness (NaN/Inf make it non-finite)
+        n2 = _norm2(t)
+        if not math.isfinite(n2):
             raise self._fail(layer, f"{where} contains NaN or Inf")
+        self._norms[id(t)] = (t, n2)
 
     def _compare(self, layer: str, what: str, lhs: float, rhs: float, norm2: float) -> None:
         tol = self.rtol * math.sqrt(norm2) + 1e-30
@@ -387,28 +423,30 @@ class Verifier:
                 self._tensor_ok(layer, f"forward output {o!r}", result[o], shapes.get(o))
             P = self._params(params)
             sh1 = self._one(shapes, collapsed)
-            ynorm = sum(_norm2(result[o]) for o in outputs)
-            for _ in range(self.rounds):
-                r = self._randn(shapes[next(iter(xs))][0][0]) if collapsed else None
+            ynorm = sum(self._n2(result[o]) for o in outputs)
+            B = shapes[next(iter(xs))][0][0]
+            Rm = self._randn(self.rounds, B) if collapsed else None
+            for k in range(self.rounds):
                 seeds = {o: self._test(shapes[o][0], collapsed) for o in outputs if shapes.get(o) is not None}
                 adj = adjoint(program, P, seeds, sh1)
-                lhs = sum(_ip(seeds[o], result[o], r) for o in seeds)
-                rhs = sum(_ip(adj.get(n), x, r) for n, x in xs.items())
+                lhs = sum(self._ipk(seeds[o], result[o], Rm, k) for o in seeds)
+                rhs = sum(self._ipk(adj.get(n), x, Rm, k) for n, x in xs.items())
                 self._compare(layer, "forward outputs", lhs, rhs, ynorm)
             if keep_graph:
-                rec = _Forward(program, dict(params), shapes, collapsed, layer)
+                rec = _Forward(program, dict(params), shapes, collapsed, layer, Rm)
                 cands = {i.args[0] for i in program if i.params and i.args and shapes.get(i.args[0]) is not None}
                 for n in cands:
                     exps = []
-                    for _ in range(self.rounds):
-                        r = self._randn(shapes[n][0][0]) if collapsed else None
+                    for k in range(self.rounds):
                         s = self._test(shapes[n][0], collapsed)
                         adj = adjoint(program, P, {n: s}, sh1)
-                        exps.append((r, s, sum(_ip(adj.get(m), x, r) for m, x in xs.items())))
+                        exps.append((s, sum(self._ipk(adj.get(m), x, Rm, k) for m, x in xs.items())))
                     rec.value_exp[n] = exps
                 with self._lock:
                     self._forwards[key] = rec
         finally:
+            self._norms.clear()
+            self._coll.clear()
             with self._lock:
                 self._stats["checks"] += 1
                 self._stats["seconds"] += time.perf_counter() - t0
@@ -448,25 +486,26 @@ class Verifier:
                     if vals.get(n) is not None:
                         raise self._fail(layer, f"backward values[{n!r}] should be absent")
                     continue
-                for r, s, exp in exps:
-                    self._compare(layer, f"values[{n!r}]", _ip(s, vals.get(n), r), exp, _norm2(vals.get(n)))
+                for k, (s, exp) in enumerate(exps):
+                    self._compare(layer, f"values[{n!r}]", self._ipk(s, vals.get(n), rec.Rm, k), exp,
+                                  self._n2(vals.get(n)))
             # input and intermediate gradients: ⟨S, δ⟩ = ⟨L S, G⟩
             roots = {n: g for n, g in G.items() if shapes.get(n) is not None}
             claimed = {("input_grads", n): result["input_grads"].get(n) for n in request.input_grads}
             claimed.update({("value_grads", n): result["value_grads"].get(n) for n in request.value_grads})
             claimed = {k: v for k, v in claimed.items() if shapes.get(k[1]) is not None}
             if claimed:
-                gnorm = sum(_norm2(v) for v in claimed.values())
-                for _ in range(self.rounds):
-                    r = self._randn(B) if collapsed else None
+                gnorm = sum(self._n2(v) for v in claimed.values())
+                Rm = self._randn(self.rounds, B) if collapsed else None
+                for k in range(self.rounds):
                     inj: dict[str, Val] = {}
                     lhs = 0.0
                     for (_sect, n), v in claimed.items():
                         s = self._test(shapes[n][0], collapsed)
                         inj[n] = _acc(inj.get(n), s)
-                        lhs += _ip(s, v, r)
+                        lhs += self._ipk(s, v, Rm, k)
                     outs = forward_linear(program, P, inj, sh1)
-                    rhs = sum(_ip(outs.get(n), g, r) for n, g in roots.items())
+                    rhs = sum(self._ipk(outs.get(n), g, Rm, k) for n, g in roots.items())
                     self._compare(layer, "input/intermediate gradients", lhs, rhs, gnorm)
             # weight gradients: ⟨T, ∇W⟩ = Σ_uses ⟨δ_j, op(x_j, T)⟩ with verified δ_j, x_j
             for p in request.param_grads:
@@ -475,41 +514,48 @@ class Verifier:
                 if any(i.op not in ("conv2d", "linear") or i.params[0] != p for i in uses):
                     raise self._fail(layer, f"weight gradient of {p!r} cannot be verified (not a conv/linear weight)")
                 W = rec.params[p]
-                for _ in range(self.rounds):
-                    t = self._randn(W.shape[0])
-                    M = self._randn(*W.shape[1:])
-                    exp = 0.0
-                    for ins in uses:
-                        if shapes.get(ins.out) is None:
-                            continue
-                        d = result["value_grads"].get(ins.out) if ins.out in request.value_grads else None
-                        x = vals.get(ins.args[0]) if ins.args[0] in request.values else None
-                        if (ins.out not in request.value_grads) or (ins.args[0] not in request.values):
-                            raise self._fail(layer, f"weight gradient of {p!r} cannot be verified without the "
-                                                    "value and gradient at its op (request them)")
-                        if d is None or x is None:
-                            continue
-                        exp += self._wgrad_proj(ins, x, d, t, M)
-                    lhs = 0.0 if gw is None else float(torch.einsum("o...,o->...", gw.double(), t).mul(M).sum())
-                    self._compare(layer, f"weight gradient of {p!r}", lhs, exp, _norm2(gw))
+                T = self._randn(self.rounds, W.shape[0])       # t ⊗ M per round
+                M = self._randn(self.rounds, *W.shape[1:])
+                exp = torch.zeros(self.rounds, dtype=torch.float64)
+                for ins in uses:
+                    if shapes.get(ins.out) is None:
+                        continue
+                    if (ins.out not in request.value_grads) or (ins.args[0] not in request.values):
+                        raise self._fail(layer, f"weight gradient of {p!r} cannot be verified without the "
+                                                "value and gradient at its op (request them)")
+                    d, x = result["value_grads"].get(ins.out), vals.get(ins.args[0])
+                    if d is not None and x is not None:
+                        exp += self._wgrad_proj(ins, x, d, T, M)
+                lhs = (torch.zeros(self.rounds, dtype=torch.float64) if gw is None else
+                       torch.einsum("o...,ro,r...->r", gw.double(), T, M))
+                for k in range(self.rounds):
+                    self._compare(layer, f"weight gradient of {p!r}", float(lhs[k]), float(exp[k]), self._n2(gw))
         finally:
+            self._norms.clear()
+            self._coll.clear()
             with self._lock:
                 self._stats["checks"] += 1
                 self._stats["seconds"] += time.perf_counter() - t0
 
     @staticmethod
-    def _wgrad_proj(ins: Instr, x: Tensor, d: Tensor, t: Tensor, M: Tensor) -> float:
+    def _wgrad_proj(ins: Instr, x: Tensor, d: Tensor, T: Tensor, M: Tensor) -> Tensor:
+        """``⟨δ, op(x, T_k)⟩`` for every round ``k`` (``T_k = T[k] ⊗ M[k]``), one pass over ``x`` and ``δ``."""
+        R = T.shape[0]
         if ins.op == "linear":
-            return float(((d.double() @ t) * (x.double() @ M)).sum())
+            dt = d.reshape(-1, d.shape[-1]) @ T.to(d.dtype).t()           # (N, R)
+            xm = x.reshape(-1, x.shape[-1]) @ M.to(x.dtype).t()           # (N, R)
+            return (dt.double() * xm.double()).sum(0)
         kw = ins.kw
         g = kw.get("groups", 1)
-        O = t.shape[0]
-        # T[o] = t[o]·M for every output channel; M correlates with the input channels of o's group
-        Mg = M.to(x.dtype).unsqueeze(0).expand(g, *M.shape).contiguous()
-        Z = F.conv2d(x, Mg, None, **kw)  # (B, g, H', W')
+        O = T.shape[1]
         B = d.shape[0]
-        dt = torch.einsum("bgohw,go->bghw", d.reshape(B, g, O // g, *d.shape[2:]), t.to(d.dtype).view(g, O // g))
-        return float((dt.double() * Z.double()).sum())
+        # T_k[o] = T[k, o]·M[k]: M[k] correlates with the input channels of o's group
+        Mg = M.to(x.dtype).unsqueeze(1).expand(R, g, *M.shape[1:]).transpose(0, 1).reshape(g * R, *M.shape[1:])
+        Z = F.conv2d(x, Mg, None, **kw)  # (B, g·R, H', W'), channel = group·R + k
+        Z = Z.view(B, g, R, *Z.shape[2:])
+        dt = torch.einsum("bgohw,kgo->bgkhw", d.reshape(B, g, O // g, *d.shape[2:]),
+                          T.to(d.dtype).view(R, g, O // g))
+        return torch.einsum("bgkhw,bgkhw->k", dt.double(), Z.double())
 
 
 def wrap_future(fut: Any, check: Callable[[Any], None]) -> Any:

@@ -141,7 +141,7 @@ class Transport:
         """Feed raw bytes from the socket into TLS (waiting at most until the deadline)."""
         assert self._in is not None
         self._wait(deadline, alive)
-        data = self.sock.recv(1 << 18)
+        data = self.sock.recv(1 << 20)
         with self._tls_lock:
             if data:
                 self._in.write(data)
