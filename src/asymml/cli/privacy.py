@@ -1,7 +1,8 @@
 """``asymml privacy``: what the accelerator can learn -- reconstruction attacks, statistics, epsilon, plots.
 
-    asymml privacy --out DIR                 # the full report (report is the default action), ~10 min
-    asymml privacy --out DIR --quick         # a ~1-2 minute version
+    asymml privacy --out DIR                 # the full report (report is the default action); DP-SGD on the
+                                             # updates makes it long (~10 min per noised run on one core)
+    asymml privacy --out DIR --quick         # a short version
     asymml privacy inversion --modes plain,asym --epsilons 8
     asymml privacy dlg --modes plain,asym+noise --sigmas 2
     asymml privacy stats --out DIR
@@ -48,11 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", nargs="?", choices=ACTIONS, default="report",
                    help="report (default): everything; or one attack: inversion | dlg | stats")
     p.add_argument("--out", metavar="DIR", help="output directory (required for report)")
-    p.add_argument("--quick", action="store_true", help="a ~1-2 minute version (one epsilon, short runs)")
+    p.add_argument("--quick", action="store_true", help="a short version (one epsilon, short runs)")
     p.add_argument("--modes", type=_names, default=None,
                    help="comma-separated subset of plain,noise-only,asym,asym+noise (default: all)")
     p.add_argument("--epsilons", "--epsilon", type=_floats, default=None, metavar="E1,E2",
-                   help="target epsilons for noise-only and asym+noise (default 1,8,64; --quick: 8)")
+                   help="target epsilons for noise-only and asym+noise (default 1,8; --quick: 8)")
     p.add_argument("--sigmas", "--sigma", type=_floats, default=None, metavar="S1,S2",
                    help="noise multipliers instead of --epsilons (epsilon is then reported, not targeted)")
     p.add_argument("--delta", type=float, default=None, help="delta of (epsilon, delta)-DP (default 1e-5)")
