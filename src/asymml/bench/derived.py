@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .roofline import SGX1
 
 DEFAULT_SPEED_RATIO = 10.0
 
@@ -107,6 +108,11 @@ DEFINITIONS: dict[str, str] = {
         "environment.busy: the 1-minute load average before the run exceeded the CPU count, or after it "
         "exceeded the CPU count plus the bench's torch threads; figures from a busy machine include contention."),
 }
+
+
+DEFINITIONS["sgx1_constants"] = "; ".join(
+    f"{k} = {SGX1[k]:,}: {SGX1['sources'][k].rstrip('.')}" for k in ("epc_bytes", "epc_usable_bytes", "page_swap_cycles",
+                                                          "transition_cycles"))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
