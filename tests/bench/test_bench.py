@@ -202,7 +202,9 @@ def test_sweep_and_slopes() -> None:
     assert loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
     assert loglog_slope([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
     res = run_sweep(_tiny(modes=("trusted-only", "asym"), backwards=("paper",), phases=("infer",),
-                          repeats=1, warmup=0), "batch_size", [2, 4], log=lambda s: None)
+                          repeats=1, warmup=0, serialize=False), "batch_size", [2, 4], log=lambda s: None)
+    assert all(r["serialized"] is False for r in res["runs"])  # the concurrent path
+    assert any("no warm-up" in w for w in res["warnings"])
     assert res["sweep"]["param"] == "batch_size"
     assert {r["sweep_value"] for r in res["runs"]} == {2, 4}
     assert len(res["derived"]) == 2 and {d["sweep_value"] for d in res["derived"]} == {2, 4}

@@ -719,6 +719,11 @@ class BenchRunner:
         context = [e for e in active if not e.paired]
         for e in active:  # warm-up under a memory meter: what survives a step is persistent trusted state
             e.persist = AliasAwareMemoryMeter() if cfg.warmup > 0 and e.mode != "plain" else None
+        if cfg.warmup == 0:
+            msg = ("no warm-up: persistent trusted caches created before the instrumented step (weight re-layouts, "
+                   "warm-start bases) are not counted in trusted_peak_bytes")
+            if msg not in self.notes:
+                self.notes.append(msg)
         round_s = 0.0
         for _ in range(cfg.warmup):
             xb, yb = self._batch(gen, batch, size, nc)
