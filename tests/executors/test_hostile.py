@@ -263,6 +263,14 @@ def _fuzz_frames(rng: random.Random):
         "id": 4, "op": "forward", "key": 0, "program": prog, "inputs": {"in0": 1}, "params": {"w": 0},
         "weights": [[0, torch.ones(1, 1, 3, 3)]], "drop": [], "outputs": ["y"], "layer": "l",
         "keep_graph": False, "grad_params": []})[:-1])]
+    # 1x1 convolution to 65536 channels: 512 KiB sent, 16 GiB out — refused as disproportionate
+    amp = {"pid": 8, "instrs": [{"out": "y", "op": "conv2d", "args": ["in0"], "params": ["w"], "kw": {}}]}
+    yield [b"".join(bytes(b) for b in encode_message({"id": 5, "op": "release", "hid": 1, "layer": "l",
+                                                      "kind": "residual", "tensor": torch.ones(1, 1, 256, 256)})[:-1]),
+           b"".join(bytes(b) for b in encode_message({
+               "id": 6, "op": "forward", "key": 0, "program": amp, "inputs": {"in0": 1}, "params": {"w": 0},
+               "weights": [[0, torch.ones(65536, 1, 1, 1)]], "drop": [], "outputs": ["y"], "layer": "l",
+               "keep_graph": False, "grad_params": []})[:-1])]
 
 
 def test_fuzzing_client_leaves_server_serving():
@@ -270,7 +278,7 @@ def test_fuzzing_client_leaves_server_serving():
     with serving(server):
         rng = random.Random(12)
         t0 = time.monotonic()
-        padding_refused = False
+        padding_refused = blowup_refused = False
         for group in _fuzz_frames(rng):
             sock = _raw(server.address)
             for frame in group:
@@ -280,10 +288,11 @@ def test_fuzzing_client_leaves_server_serving():
                     while True:  # drain whatever the server answers
                         msg = decode_message(*read_frame(sock, deadline=lambda e=end: e))
                         padding_refused |= "padding" in str(msg.get("error"))
+                        blowup_refused |= "would produce" in str(msg.get("error"))
                 except (OSError, ConnectionError, ProtocolError, TimeoutError):
                     pass
             sock.close()
-        assert padding_refused
+        assert padding_refused and blowup_refused
         assert time.monotonic() - t0 < 60
         with RemoteExecutor(server.address, timeout=BOUND_S) as ex:  # the next valid client is served
             _step(ex)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -245,7 +246,7 @@ class Connection:
         try:
             shapes = infer_shapes(program, {n: (h.shape, dtype) for n, h in inputs.items()},
                                   {n: (tuple(t.shape), t.dtype) for n, t in params.items()},
-                                  max_numel=self.server.max_payload // 4)
+                                  max_numel=self._value_limit(inputs, params))
         except ProgramError as e:
             raise ProtocolError(f"forward ({layer[:100]}): {e}") from None
         missing = [o for o in outputs if o not in shapes]
@@ -259,6 +260,12 @@ class Connection:
             if len(self.forwards) > 4096:  # bookkeeping only; drop finished entries
                 self.forwards = {k: f for k, f in self.forwards.items() if not f.done()}
         return fut
+
+    def _value_limit(self, inputs: dict[str, Handle], params: dict[str, torch.Tensor]) -> int:
+        """The largest value a program may create: proportional to what the client sent for it (legitimate
+        layers grow data by channel ratios or small upsampling, far below 256×), and within the message limit."""
+        sent = sum(math.prod(h.shape) for h in inputs.values()) + sum(t.numel() for t in params.values())
+        return min(self.server.max_payload // 4, 256 * sent + (1 << 20))
 
     def op_backward(self, msg: dict[str, Any]) -> Future:
         key = _field(msg, "key", int, "an integer")

@@ -199,7 +199,7 @@ class Transport:
         self.shutdown()
         try:
             self._poll.unregister(self.sock.fileno())
-        except (KeyError, ValueError, OSError):
+        except (KeyError, ValueError, OSError, RuntimeError):
             pass
         self.sock.close()
 
