@@ -50,6 +50,27 @@ def test_op_counter_counts_flops_and_full_size_bytes() -> None:
     assert {"roofline_s", "flops", "bytes_read", "bytes_written", "compute_bound_s", "memory_bound_s"} <= set(s)
 
 
+def test_op_counter_out_arguments_and_foreach() -> None:
+    a, o = torch.randn(100), torch.empty(100)
+    ps, gs = [torch.randn(10), torch.randn(30)], [torch.randn(10), torch.randn(30)]
+    with TrustedOpCounter(1.0, 1.0) as c:
+        torch.add(a, 1.0, out=o)  # reads a, writes o (the out= buffer is not read)
+    assert (c.bytes_read, c.bytes_written) == (400, 400)
+    with TrustedOpCounter(1.0, 1.0) as c:
+        torch._foreach_add_(ps, gs, alpha=-0.1)  # an SGD step: reads params and grads, writes params
+    assert (c.bytes_read, c.bytes_written) == (320, 160)
+
+
+def test_op_counter_charges_random_numbers_at_the_generator_rate() -> None:
+    b = torch.empty(1000)
+    with TrustedOpCounter(1.0, 1000.0, rng_gsamples=1e-3) as c:  # 1 M samples/s, 1 TB/s
+        b.normal_()
+    assert c.roofline_s == pytest.approx(1000 / 1e6)
+    with TrustedOpCounter(1.0, 1000.0) as c:  # without a generator rate: the write alone
+        b.normal_()
+    assert c.roofline_s == pytest.approx(4000 / 1e12)
+
+
 def test_op_counter_ignores_other_threads_and_skipped_storages() -> None:
     w = torch.randn(64)
     with TrustedOpCounter(1.0, 1.0, skip_storages={w.untyped_storage().data_ptr()}) as c:

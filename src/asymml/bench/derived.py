@@ -68,9 +68,11 @@ DEFINITIONS: dict[str, str] = {
         "max(flops / conv_rate, bytes / mem_bandwidth); bytes = full sizes of the op's tensor inputs read and "
         "outputs written (views, metadata and allocation-only ops move nothing; an in-place op reads and "
         "writes its target, fill/copy/random ops only write it); flops from torch.utils.flop_counter's "
-        "registry. conv_rate and mem_bandwidth are calibrated once per run on this machine with the bench's "
-        "threads (environment.roofline_calibration: a 3x3 conv in NCHW and channels_last, the faster kept; "
-        "an element-wise out-of-place pass into a reused buffer, bytes = read + write)."),
+        "registry (all at the conv rate). Random-number ops (normal_, randn, …) are bound by "
+        "max(samples / rng_rate, bytes / mem_bandwidth). conv_rate, mem_bandwidth and rng_rate are calibrated "
+        "once per run on this machine with the bench's threads (environment.roofline_calibration: a 3x3 conv in "
+        "NCHW and channels_last, the faster kept; an element-wise out-of-place pass into a reused buffer, bytes "
+        "= read + write; normal_ into a reused buffer)."),
     "roofline_fraction": "roofline_s / trusted_s: how close the measured trusted time is to this machine's roofline.",
     "limit_roofline": (
         "roofline_s(trusted-only) / roofline_s(asym): the trusted speed-up if every trusted op ran at this "

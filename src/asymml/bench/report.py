@@ -38,7 +38,9 @@ def markdown(result: Mapping[str, Any]) -> str:
     cal = env.get("roofline_calibration")
     if cal:
         out += [f"Roofline calibration: dense conv {cal['conv_gflops']:.0f} GFLOP/s (NCHW {cal['conv_gflops_nchw']:.0f}, "
-                f"channels_last {cal['conv_gflops_channels_last']:.0f}), memory pass {cal['mem_gbps']:.1f} GB/s.", ""]
+                f"channels_last {cal['conv_gflops_channels_last']:.0f}), memory pass {cal['mem_gbps']:.1f} GB/s"
+                + (f", Gaussian RNG {1e3 * cal['rng_gsamples']:.0f} M samples/s" if cal.get("rng_gsamples") else "")
+                + ".", ""]
     for w in result.get("warnings", []):
         out += [f"**WARNING**: {w}", ""]
     sweep = any(r.get("sweep_value") is not None for r in runs)

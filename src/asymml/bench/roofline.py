@@ -5,12 +5,13 @@ bound as much by full-size memory passes (decompose, residual, merge, activation
 arithmetic. This module
 
 * **calibrates** the machine once per run (:func:`calibrate`): the dense-convolution rate (GFLOP/s, NCHW
-  and channels_last, the faster is kept) and the memory-pass bandwidth (GB/s of an element-wise pass that
-  reads one tensor and writes another, into a reused buffer);
+  and channels_last, the faster is kept), the memory-pass bandwidth (GB/s of an element-wise pass that
+  reads one tensor and writes another, into a reused buffer) and the Gaussian generator's rate;
 * **counts** every aten op the trusted thread runs (:class:`TrustedOpCounter`, a ``TorchDispatchMode``):
   FLOPs with ``torch.utils.flop_counter``'s registry (asymml's formulas included), bytes read and written
   (full tensor sizes of inputs and outputs; views, metadata and allocation-only ops move nothing); the
-  roofline time of a step is ``Σ_op max(flops / rate, bytes / bandwidth)``;
+  roofline time of a step is ``Σ_op max(flops / rate, bytes / bandwidth)`` (random-number ops: samples /
+  generator rate in place of flops / rate);
 * **projects** SGX1 (:func:`sgx1_projection`): the counter also records every storage the trusted thread
   touches and every free, which an LRU model of the EPC replays to count 4 KiB page moves.
 
@@ -99,12 +100,16 @@ def calibrate(reps: int = 3) -> dict[str, Any]:
         a, b = torch.randn(n, generator=gen), torch.empty(n)
         t = _best_time(lambda: torch.add(a, 1.0, out=b), max(reps, 3))
         bw = 2 * n * 4 / t / 1e9
+        r = b[: 4 * 2**20]
+        t_rng = _best_time(lambda: r.normal_(generator=gen), reps)
     return {
         "conv_gflops": max(rates.values()), "conv_gflops_nchw": rates["nchw"],
         "conv_gflops_channels_last": rates["channels_last"], "mem_gbps": bw,
+        "rng_gsamples": r.numel() / t_rng / 1e9,
         "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start,
         "method": "best of repeated runs: 3x3 conv 128->128 ch 28x28 batch 8 (NCHW and channels_last, faster "
-                  "kept); torch.add(a, 1, out=b) on 64 MiB float32 (bytes = read + write)",
+                  "kept); torch.add(a, 1, out=b) on 64 MiB float32 (bytes = read + write); Tensor.normal_ into "
+                  "16 MiB of the same reused buffer (Gaussian samples per second)",
     }
 
 
@@ -136,6 +141,10 @@ _WRITE_ONLY_INPLACE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernou
                        "exponential_", "geometric_", "cauchy_", "log_normal_", "index_fill_", "masked_fill_"}
 
 
+_RNG_OPS = {"normal_", "normal", "randn", "randn_like", "rand", "rand_like", "uniform_", "bernoulli_",
+            "bernoulli", "random_", "randint", "randint_like", "exponential_"}
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -152,13 +161,14 @@ class TrustedOpCounter(TorchDispatchMode):
     the trusted side), the roofline time at the given rates, and a trace of storages touched and freed for
     the EPC model. ``skip_storages``: storages kept out of the EPC trace (public parameters)."""
 
-    def __init__(self, conv_gflops: float, mem_gbps: float, *, skip_storages: Iterable[int] = (),
-                 trace: bool = True) -> None:
+    def __init__(self, conv_gflops: float, mem_gbps: float, *, rng_gsamples: float | None = None,
+                 skip_storages: Iterable[int] = (), trace: bool = True) -> None:
         super().__init__()
-        if conv_gflops <= 0 or mem_gbps <= 0:
+        if conv_gflops <= 0 or mem_gbps <= 0 or (rng_gsamples is not None and rng_gsamples <= 0):
             raise ConfigError("roofline rates must be positive")
         self.rate = conv_gflops * 1e9
         self.bw = mem_gbps * 1e9
+        self.rng = None if rng_gsamples is None else rng_gsamples * 1e9
         self.flops = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -213,21 +223,23 @@ class TrustedOpCounter(TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta]
         if not ins and not outs:
             return out
-        mutated: set[int] = set()
+        mutated: set[int] = set()  # tensors the op writes in place (also read, unless write-only)
+        out_args: set[int] = set()  # out= arguments: written, never read
         write_only = packet.__name__ in _WRITE_ONLY_INPLACE
         for i, a in enumerate(func._schema.arguments):
             if a.alias_info is not None and a.alias_info.is_write:
                 v = args[i] if i < len(args) else kwargs.get(a.name)
-                if isinstance(v, torch.Tensor):
-                    mutated.add(id(v))
+                vs = v if isinstance(v, (list, tuple)) else (v,)  # _foreach_* ops mutate lists of tensors
+                ids = {id(t) for t in vs if isinstance(t, torch.Tensor)}
+                (out_args if a.is_out else mutated).update(ids)
         read = written = 0
         in_keys = set()
         for t in ins:
             in_keys.add(_storage_key(t))
-            if id(t) in mutated:
+            if id(t) in mutated or id(t) in out_args:
                 written += _tensor_bytes(t)
                 self._touch(t, "w")
-                if write_only:
+                if write_only or id(t) in out_args:
                     continue
             read += _tensor_bytes(t)
             self._touch(t, "r")
@@ -244,6 +256,8 @@ class TrustedOpCounter(TorchDispatchMode):
             except Exception:  # a formula that cannot handle this overload: count bytes only
                 fl = 0
         t_c, t_m = fl / self.rate, (read + written) / self.bw
+        if self.rng is not None and packet.__name__ in _RNG_OPS:  # random numbers: bound by the generator
+            t_c = sum(t.numel() for t in outs) / self.rng
         self.flops += fl
         self.bytes_read += read
         self.bytes_written += written

@@ -463,7 +463,8 @@ class BenchRunner:
             c = self.calibration
             self.log(f"[bench] calibrated: dense conv {c['conv_gflops']:.0f} GFLOP/s (NCHW "
                      f"{c['conv_gflops_nchw']:.0f}, channels_last {c['conv_gflops_channels_last']:.0f}), "
-                     f"memory pass {c['mem_gbps']:.1f} GB/s, {c['threads']} threads")
+                     f"memory pass {c['mem_gbps']:.1f} GB/s, Gaussian RNG {c['rng_gsamples'] * 1e3:.0f} M samples/s, "
+                     f"{c['threads']} threads")
         return self.calibration
 
     # ------------------------------------------------------------------ setup
@@ -613,7 +614,8 @@ class BenchRunner:
         skip = set()
         if not self.cfg.sgx_weights_in_epc:  # parameters and buffers are public: outside the EPC
             skip = {t.untyped_storage().data_ptr() for t in itertools.chain(e.model.parameters(), e.model.buffers())}
-        counter = TrustedOpCounter(cal["conv_gflops"], cal["mem_gbps"], skip_storages=skip)
+        counter = TrustedOpCounter(cal["conv_gflops"], cal["mem_gbps"], rng_gsamples=cal.get("rng_gsamples"),
+                                   skip_storages=skip)
         ex = sm.executor
         try:
             if isinstance(ex, _BenchExecutor):
