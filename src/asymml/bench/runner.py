@@ -726,17 +726,20 @@ class BenchRunner:
                    "warm-start bases) are not counted in trusted_peak_bytes")
             if msg not in self.notes:
                 self.notes.append(msg)
-        round_s = 0.0
+        round_s = context_s = 0.0
         for _ in range(cfg.warmup):
             xb, yb = self._batch(gen, batch, size, nc)
-            round_s = 0.0
+            round_s = context_s = 0.0
             for e in active:
                 if e.persist is not None:
                     with e.persist:
                         rec = self._timed_step(e, phase, xb.clone(), yb.clone())
                 else:
                     rec = self._timed_step(e, phase, xb.clone(), yb.clone())
-                round_s += rec["step_s"] if e.paired else 0.0
+                if e.paired:
+                    round_s += rec["step_s"]
+                else:
+                    context_s += rec["step_s"]
         for e in active:
             _zero_grads(e.model)
         rounds = cfg.n_rounds()
@@ -746,7 +749,9 @@ class BenchRunner:
         what = f"{meta['model']} ({meta['arch']}) {size}px batch {batch} {phase}"
         self.log(f"[bench] {what}: warm-up {cfg.warmup}, {rounds} rounds x {len(paired)} paired modes "
                  f"(+ {len(context)} context modes in {min(cfg.repeats, rounds)} rounds), shuffled, fresh batch "
-                 f"per round, on {self.device}{', serialized' if self.serialize else ''}")
+                 f"per round, on {self.device}{', serialized' if self.serialize else ''}"
+                 + (f"; about {rounds * round_s + min(cfg.repeats, rounds) * context_s:.0f} s of timed steps "
+                    f"(from the warm-up)" if round_s else ""))
         rng = random.Random(cfg.seed * 7919 + len(phase))
         for i in range(rounds):
             xb, yb = self._batch(gen, batch, size, nc)
