@@ -630,6 +630,7 @@ class BenchRunner:
             if isinstance(ex, _BenchExecutor):
                 ex.instruments = ()
         counter.trace_on = False
+        trace, counter.trace = counter.trace, []  # finalizers keep the counter alive: it must not keep the trace
         flops = int(fc.get_total_flops())
         stats = sm.executor.stats()
         accel_flops = int(sum(v for d in stats.values() for k, v in d.items() if k.endswith("_flops")))
@@ -642,7 +643,7 @@ class BenchRunner:
                     "check": check, "round_trips": 0, "received_bytes": 0}
         return {"trusted_flops": flops, "accelerator_flops": accel_flops, "counted_flops": flops,
                 "trusted_peak_bytes": int(meter.peak), "persistent_bytes": int(persistent),
-                "roofline": counter.summary(), "trace": counter.trace, "check": check,
+                "roofline": counter.summary(), "trace": trace, "check": check,
                 "round_trips": getattr(ex, "round_trips", 0), "received_bytes": getattr(ex, "received_bytes", 0)}
 
     def _attributed_step(self, e: _Entry, phase: str, x: Tensor, y: Tensor) -> dict[str, Any]:
