@@ -264,3 +264,24 @@ def test_rounds_shuffle_modes_with_fresh_batches_and_variants(monkeypatch) -> No
     assert statistics.median(res["runs"][0]["samples"]["trusted_s"]) == res["runs"][0]["trusted_s"]
     noisy = next(r for r in res["runs"] if r["label"] == "asym/protected+noise")
     assert noisy["released_bytes"] > 0 and noisy["step_checks"]["released_match"]
+
+
+def test_persistent_caches_and_received_results_count_as_trusted_memory(monkeypatch) -> None:
+    cache: dict[str, torch.Tensor] = {}
+    orig = BenchRunner._step
+
+    def step(self, e, phase, x, y):  # type: ignore[no-untyped-def]
+        if e.mode == "trusted-only" and "c" not in cache:
+            cache["c"] = torch.ones(2**18)  # 1 MiB made by the trusted thread in a step, kept across steps
+        return orig(self, e, phase, x, y)
+
+    monkeypatch.setattr(BenchRunner, "_step", step)
+    cfg = BenchConfig(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, phases=("infer",),
+                      modes=("trusted-only", "asym"), rounds=1, repeats=1, warmup=1, device="cpu",
+                      calibration=CAL, placement=PLACEMENT)
+    res = run_bench(cfg, log=lambda s: None)
+    to = next(r for r in res["runs"] if r["mode"] == "trusted-only")
+    assert to["persistent_bytes"] >= 2**20 and to["trusted_peak_bytes"] >= to["persistent_bytes"]
+    a = next(r for r in res["runs"] if r["mode"] == "asym")
+    assert a["persistent_bytes"] < 2**20
+    assert a["received_bytes"] > 0 and a["round_trips"] > 0  # accelerator results the trusted side held
