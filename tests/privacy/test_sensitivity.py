@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import asymml
 from asymml.errors import PrivacyConfigError
+from asymml.privacy.attacks.common import SPLIT_EVERY_LAYER
 from asymml.privacy.sensitivity import check_independent, coupling_layers, release_dependence
 
 
@@ -52,7 +53,7 @@ def _dependence(model: nn.Module, **split_kw) -> float:
     def make():
         m = copy.deepcopy(model)
         m.load_state_dict(state)
-        return asymml.split(m, rank=2, audit=True, **split_kw)
+        return asymml.split(m, rank=2, audit=True, **SPLIT_EVERY_LAYER, **split_kw)
 
     return release_dependence(make, x, y, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="sum"))
 

@@ -15,6 +15,7 @@ Noise is always drawn by :class:`~asymml.privacy.noise.ReleaseMechanism` inside 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ __all__ = [
 ]
 
 PRIVATE_SPLIT_DEFAULTS: dict[str, Any] = {"warm_start": False, "basis": "sample"}
+
+#: The attacks measure what a *split* layer releases: every layer that can be split is split (as the
+#: prototype), whatever a cost-aware placement would keep fully trusted on this machine.
+SPLIT_EVERY_LAYER: dict[str, Any] = {"placement": "split"} if "placement" in inspect.signature(_split).parameters else {}
 """Split options every noised mode uses: releases must depend on one sample each
 (:func:`asymml.privacy.sensitivity.check_independent`)."""
 
@@ -243,7 +248,7 @@ def _record(model: nn.Module, split_mode: str, x: Tensor, y: Tensor | None, loss
             split_kw: Mapping[str, Any]) -> NormRecorder:
     rec = NormRecorder()
     m = copy.deepcopy(model)
-    sm = _split(m, mode=split_mode, noise=rec, **split_kw)
+    sm = _split(m, mode=split_mode, noise=rec, **{**SPLIT_EVERY_LAYER, **split_kw})
     if y is not None and loss_fn is not None:
         loss_fn(sm(x), y).backward()
     else:
@@ -315,7 +320,7 @@ def build_split(
         split_kw = {**PRIVATE_SPLIT_DEFAULTS, **split_kw}
         check_independent(model, training=model.training, basis=split_kw["basis"], warm_start=split_kw["warm_start"],
                           decomposition=split_kw.get("decomposition", "power"), rank=split_kw.get("rank"))
-    return _split(model, mode=mode.split_mode, noise=noise, audit=audit, **split_kw)
+    return _split(model, mode=mode.split_mode, noise=noise, audit=audit, **{**SPLIT_EVERY_LAYER, **split_kw})
 
 
 # --------------------------------------------------------------------------- image metrics
