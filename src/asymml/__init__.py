@@ -1,5 +1,9 @@
 """asymml: train and run CNNs with a trusted low-rank part and an untrusted accelerator residual part."""
 
+from ._env import tune_process_environment
+
+tune_process_environment()  # before torch is imported where possible (OpenMP reads its settings at load)
+
 from .api import split
 from .decomposition import AdaptiveRank, FixedRank, RankList, RankSchedule, decompose, parse_rank
 from .errors import (

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .decomposition import RankPolicy, decompose
 from .errors import InputError
 from .executors.base import BackwardRequest, Executor
+from .planner import ConvShape, Planner
 from .profiling import EPC_DEFAULT_BYTES, LayerProfile, Profile, TrustedMemoryMeter
 from .rules import Low, dense, tadd
 from .transform import Plan, Region, build_plan, trace
@@ -60,6 +61,7 @@ class SplitConfig:
     epc_bytes: int = EPC_DEFAULT_BYTES
     seed: int = 0
     noise_seed: int | None = None
+    placement: str = "auto"
 
 
 class _ForwardCtx:
@@ -69,6 +71,7 @@ class _ForwardCtx:
         self.cache: dict[tuple[int, int], tuple[Tensor, Any, Any, int]] = {}
         self.points = 0
         self.handles: list[Any] = []
+        self.grad_on = False
 
 
 class _RegionCall:
@@ -335,6 +338,7 @@ class SplitModule(nn.Module):
         self._layers: dict[str, LayerProfile] = {}
         self._release_stats: dict[str, dict[str, Any]] = {}
         self._first_conv_in = self._find_first_conv_channels(model)
+        self.planner = Planner(cfg.placement)
         #: When set, the accelerator's share of each parameter gradient (``R̃⋆δ_R``, computed only from
         #: released tensors, hence post-processing) is handed to ``sink(param, grad)`` instead of being
         #: added to ``param.grad``; ``param.grad`` then holds only the trusted share, which DP-SGD on
@@ -471,6 +475,8 @@ class SplitModule(nn.Module):
         if not is_input:
             ctx.points += 1
         r = min(r, C, N)
+        if 0 < r < min(C, N) and cfg.mode == "asym" and not self._split_pays(reg, v, x, r):
+            r = min(C, N)  # splitting would cost more trusted time than it saves: run it trusted
         t0 = time.perf_counter()
         if r >= min(C, N):
             tp, h = x, None
@@ -478,12 +484,12 @@ class SplitModule(nn.Module):
         else:
             X3 = x.detach().reshape(B, C, N)
             init = self._warm.get(layer) if cfg.warm_start and cfg.decomposition == "power" else None
-            f, R = decompose(X3, r, method=cfg.decomposition, iters=cfg.iters, basis=cfg.basis, init=init,
-                             generator=self._gen)
-            if cfg.warm_start and cfg.decomposition == "power" and r > 0:
-                self._warm[layer] = f.U
             # ‖R‖² = ‖X‖² − ‖V‖² for an orthonormal basis: one read of X instead of two full passes
             xx = torch.linalg.vector_norm(X3, dim=(1, 2)).square()
+            f, R = decompose(X3, r, method=cfg.decomposition, iters=cfg.iters, basis=cfg.basis, init=init,
+                             generator=self._gen, inplace=self._overwritable(x, v))
+            if cfg.warm_start and cfg.decomposition == "power" and r > 0:
+                self._warm[layer] = f.U
             ratio = ((xx - f.V.square().sum((1, 2))).clamp_min(0) / xx.clamp_min(1e-30))
             rel = R.reshape(x.shape)
             if self.mechanism is not None:
@@ -501,6 +507,31 @@ class SplitModule(nn.Module):
             lp.energy_ratio = float(ratio.mean())
         ctx.cache[key] = (x, tp, h, r)
         return tp, h, r
+
+    def _split_pays(self, reg: Region, v: fx.Node, x: Tensor, r: int) -> bool:
+        """Ask the cost-aware planner whether splitting the convolutions that read ``x`` saves time."""
+        B, C, H, W = x.shape
+        shapes = []
+        for n in reg.nodes:
+            b = reg.bound[n]
+            if v in reg.arg_nodes(n) and b.rule.decomposes_input and isinstance(b.module, nn.Conv2d):
+                m = b.module
+                ho, wo = b.rule.out_shape(b, [tuple(x.shape)])[2:]
+                shapes.append(ConvShape(B, C, m.out_channels, m.groups, m.kernel_size[0] * m.kernel_size[1],
+                                        H * W, ho * wo))
+        if not shapes:
+            return True
+        training = self._fctx.grad_on if self._fctx is not None else x.requires_grad
+        return all(self.planner.split_pays(f"{reg.name}:{v.name}", s, r, training=training,
+                                           shared=self.cfg.basis == "batch") for s in shapes)
+
+    def _overwritable(self, x: Tensor, v: fx.Node) -> bool:
+        """May the residual be written over ``x``? Only for a value the runtime made itself (never the
+        caller's input), that autograd does not need, that no other op reads, and that shares its
+        storage with nothing else."""
+        return (v.op != "placeholder" and len(v.users) == 1 and not x.requires_grad
+                and not x._is_view() and x.is_contiguous(memory_format=torch.channels_last)
+                and x.untyped_storage().nbytes() == x.numel() * x.element_size())
 
     def _decompose_grad(self, g: Tensor, reg: Region, o: fx.Node, fwd_rank: int) -> tuple[Any, Any]:
         """Protected mode: split an output gradient, release only its residual (noised if configured)."""
@@ -539,6 +570,10 @@ class SplitModule(nn.Module):
         x = args[0]
         self._check_input(x)
         mode = self.cfg.mode
+        if x.dim() == 4 and mode != "plain":
+            # the trusted side works channels-last: oneDNN's convolutions, pooling and the per-sample
+            # pixel × channel matrices of the decomposition are all fastest in that layout
+            x = x.contiguous(memory_format=torch.channels_last)
         if mode == "trusted-only":
             t0 = time.perf_counter()
             meter = self._meter if self._profiling else None
@@ -557,6 +592,7 @@ class SplitModule(nn.Module):
         env: dict[fx.Node, Any] = {}
         self._fctx = _ForwardCtx()
         grad_on = torch.is_grad_enabled()
+        self._fctx.grad_on = grad_on
         meter = self._meter if self._profiling else None
         if meter is not None:
             meter.add(x)

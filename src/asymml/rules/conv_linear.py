@@ -86,21 +86,106 @@ class Conv2dRule(WeightedRule):
         Ug = U.view(B, g, C // g, -1)
         return torch.einsum("gocxy,bgcj->bgojxy", W, Ug).reshape(B * O, -1, *m.kernel_size)
 
-    _okc_cache: dict[int, tuple[int, Any, Tensor]] = {}
+    def _lowrank_unfold(self, m: nn.Conv2d, t: Low, ho: int, wo: int) -> Tensor:
+        """``conv(U_b V_b, W) + bias`` per sample as one batched GEMM, channels-last out.
 
-    def _weight_okc(self, m: nn.Conv2d) -> Tensor:
-        """The weight as an ``(O·kh·kw, C)`` matrix, cached per weight tensor and version (the entry
+        ``unfold(V_b)`` (``L × r·k²``) times the per-sample folded weight (``r·k² × O``): a grouped
+        convolution with ``groups=B`` and ``r`` input channels per group runs memory-bound in oneDNN
+        (1.3–2.5× slower at VGG shapes), and this GEMM writes the output directly in channels-last
+        layout, the one the following merge, activation and pooling are fastest in."""
+        U, B, r, O = t.f.U, t.f.V.shape[0], t.f.rank, m.out_channels
+        k = m.kernel_size
+        kk = k[0] * k[1]
+        C = U.shape[1]
+        # one GEMM (k²·O × C)·(C × B·r) for the whole batch: far faster than B skinny ones
+        Wf = torch.mm(self._weight_cache(m, "kkoc"), U.transpose(0, 1).reshape(C, B * r))  # k²·O × B·r
+        Wf = Wf.view(kk, O, B, r).permute(2, 3, 0, 1).reshape(B, r * kk, O)
+        # im2col is fastest from NCHW; V holds only r maps, so making it contiguous is cheap
+        cols = F.unfold(t.Vmaps.contiguous(), k, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        # written straight into a fresh channels-last tensor (not a view), so the merge can add in place
+        y = torch.empty((B, O, ho, wo), dtype=Wf.dtype, memory_format=torch.channels_last)
+        yv = y.permute(0, 2, 3, 1).view(B, ho * wo, O)
+        if m.bias is not None:
+            torch.baddbmm(m.bias.view(1, 1, O).expand(B, ho * wo, O), cols.transpose(1, 2), Wf, out=yv)
+        else:
+            torch.bmm(cols.transpose(1, 2), Wf, out=yv)
+        return y
+
+    @staticmethod
+    def _unfold_transposable(m: nn.Conv2d) -> bool:
+        """A stride-1, undilated, ungrouped conv whose transpose is a conv with padding ``k−1−p ≥ 0``."""
+        k, p = m.kernel_size, m.padding
+        return (m.groups == 1 and m.stride == (1, 1) and m.dilation == (1, 1)
+                and k[0] - 1 - p[0] >= 0 and k[1] - 1 - p[1] >= 0)
+
+    def _lowrank_convT_unfold(self, m: nn.Conv2d, d: Low, H: int, W: int) -> Tensor:
+        """``convT(P_b Q_b, W)`` per sample as one batched GEMM, channels-last out (input gradient).
+
+        The transposed conv is a conv of the ``r`` maps of ``Q`` with the flipped kernel folded by
+        ``P``: ``Wt_b[(j, xy), c] = Σ_o P_b[o, j] W[o, c, flip(xy)]``; one GEMM folds it for the whole
+        batch and im2col of ``Q`` (``r`` maps only) feeds a batched GEMM, instead of a ``groups=B``
+        convolution with ``r`` input channels per group, which oneDNN runs memory-bound."""
+        P, B, r, C = d.f.U, d.f.V.shape[0], d.f.rank, m.in_channels
+        k, p = m.kernel_size, m.padding
+        kk = k[0] * k[1]
+        Wt = torch.mm(P.transpose(1, 2).reshape(B * r, -1), self._weight_cache(m, "oflipkkc"))  # B·r × k²·C
+        cols = F.unfold(d.Vmaps.contiguous(), k, padding=(k[0] - 1 - p[0], k[1] - 1 - p[1]))  # B × r·k² × H·W
+        y = torch.empty((B, C, H, W), dtype=Wt.dtype, memory_format=torch.channels_last)
+        torch.bmm(cols.transpose(1, 2), Wt.view(B, r * kk, C), out=y.permute(0, 2, 3, 1).view(B, H * W, C))
+        return y
+
+    @staticmethod
+    def _lowrank_wgrad_input(m: nn.Conv2d, t: Low, delta: Tensor) -> Tensor:
+        """``Σ_b (U_b V_b) ⋆ δ_b`` (weight gradient of a low-rank input) with batched GEMMs.
+
+        ``G_b = δ_b · im2col(V_b)ᵀ`` (``O × r·k²``), then one GEMM expands all ``G_b`` by their ``U_b``:
+        a ``groups=B`` weight-gradient convolution with ``r`` channels per group is memory-bound."""
+        U, B, r, O, C = t.f.U, t.f.V.shape[0], t.f.rank, m.out_channels, m.in_channels
+        k = m.kernel_size
+        kk = k[0] * k[1]
+        cols = F.unfold(t.Vmaps.contiguous(), k, padding=m.padding)  # B × r·k² × Ho·Wo
+        G = torch.bmm(delta.reshape(B, O, -1), cols.transpose(1, 2))  # B × O × r·k²
+        G = G.view(B, O, r, kk).permute(1, 3, 0, 2).reshape(O * kk, B * r)
+        gw = torch.mm(G, U.transpose(1, 2).reshape(B * r, C))  # O·k² × C
+        return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _lowrank_wgrad_grad(m: nn.Conv2d, r_in: Tensor, d: Low) -> Tensor:
+        """``Σ_b R̃_b ⋆ (P_b Q_b)`` (the protected term ``R̃⋆δ_L``) with batched GEMMs.
+
+        ``H_b = im2col_flipped(Q_b) · R̃_bᵀ`` (``r·k² × C``) correlates the ``r`` maps of ``Q`` with the
+        residual, then one GEMM expands all ``H_b`` by their ``P_b``."""
+        P, B, r, O, C = d.f.U, d.f.V.shape[0], d.f.rank, m.out_channels, m.in_channels
+        k, p = m.kernel_size, m.padding
+        kk = k[0] * k[1]
+        cols = F.unfold(d.Vmaps.contiguous(), k, padding=(k[0] - 1 - p[0], k[1] - 1 - p[1]))  # B × r·k² × H·W
+        Hm = torch.bmm(cols, r_in.reshape(B, C, -1).transpose(1, 2))  # B × r·k² × C, taps flipped
+        gw = torch.mm(P.reshape(B, O, r).permute(1, 0, 2).reshape(O, B * r), Hm.view(B * r, kk * C))
+        return gw.view(O, k[0], k[1], C).flip(1, 2).permute(0, 3, 1, 2)
+
+    _okc_cache: dict[tuple[int, str], tuple[int, Any, Tensor]] = {}
+
+    def _weight_cache(self, m: nn.Conv2d, layout: str) -> Tensor:
+        """The weight re-laid out as an ``(O·kh·kw, C)`` (``"okc"``), ``(kh·kw·O, C)`` (``"kkoc"``) or
+        flipped ``(O, kh·kw·C)`` (``"oflipkkc"``) matrix, cached per weight tensor and version (the entry
         dies with the weight)."""
         w = m.weight
-        key = id(w)
+        key = (id(w), layout)
         hit = self._okc_cache.get(key)
         if hit is not None and hit[0] == w._version and hit[1]() is w:
             return hit[2]
-        okc = w.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]).contiguous()
+        if layout == "oflipkkc":  # (O, kh·kw·C) with the kernel flipped: the transposed conv's fold
+            mat = w.detach().flip(-1, -2).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+        else:
+            perm = (0, 2, 3, 1) if layout == "okc" else (2, 3, 0, 1)
+            mat = w.detach().permute(*perm).reshape(-1, w.shape[1]).contiguous()
         if hit is None or hit[1]() is not w:
             weakref.finalize(w, self._okc_cache.pop, key, None)
-        self._okc_cache[key] = (w._version, weakref.ref(w), okc)
-        return okc
+        self._okc_cache[key] = (w._version, weakref.ref(w), mat)
+        return mat
+
+    def _weight_okc(self, m: nn.Conv2d) -> Tensor:
+        return self._weight_cache(m, "okc")
 
     @staticmethod
     def _conv_t(m: nn.Conv2d, Wf: Tensor, Q: Tensor, in_shape: tuple[int, ...], groups: int) -> Tensor:
@@ -131,6 +216,8 @@ class Conv2dRule(WeightedRule):
             ho, wo = self._out_hw(m, H, W)
             if self._fold_cheaper(m, B, r, t.f.shared, H * W, ho * wo):
                 kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+                if not t.f.shared and m.groups == 1:
+                    return self._lowrank_unfold(m, t, ho, wo)
                 Wf = self._fold_weight(m, t.f.U)
                 if t.f.shared:
                     return F.conv2d(t.Vmaps, Wf, m.bias, **kw)
@@ -158,6 +245,8 @@ class Conv2dRule(WeightedRule):
             ho, wo = d.spatial
             # convT(P Q, W) = convT(Q, Σ_o P[o,j] W[o,c]) — the same fold, on the gradient side
             if not d.f.shared and self._gfold_cheaper(m, B, r, H * W, ho * wo):
+                if self._unfold_transposable(m):
+                    return [self._lowrank_convT_unfold(m, d, H, W)]
                 g, O = m.groups, m.out_channels
                 Wv = m.weight.view(g, O // g, C // g, *m.kernel_size)
                 P = d.f.U.view(B, g, O // g, r)
@@ -184,6 +273,8 @@ class Conv2dRule(WeightedRule):
                 G = conv2d_weight(t_in.Vmaps, (O, r, *m.kernel_size), delta, **kw)
                 Ug = t_in.f.U.view(g, C // g, r)
                 gw += torch.einsum("gojxy,gcj->gocxy", G.view(g, O // g, r, *m.kernel_size), Ug).reshape(gw.shape)
+            elif self._unfold_transposable(m):
+                gw += self._lowrank_wgrad_input(m, t_in, delta)
             else:
                 G = conv2d_weight(t_in.Vmaps.reshape(1, B * r, H, W), (B * O, r, *m.kernel_size),
                                   delta.reshape(1, B * O, ho, wo), groups=B, **kw)
@@ -199,6 +290,9 @@ class Conv2dRule(WeightedRule):
                 Hm = conv2d_weight(r_in, (r, C, *m.kernel_size), d_t.Vmaps, **kw)
                 P = d_t.f.U.view(g, O // g, r)
                 gw += torch.einsum("goj,jgcxy->gocxy", P, Hm.view(r, g, C // g, *m.kernel_size)).reshape(gw.shape)
+            elif (isinstance(d_t, Low) and not d_t.f.shared and self._gfold_cheaper(m, B, d_t.f.rank, H * W, ho * wo)
+                  and self._unfold_transposable(m)):
+                gw += self._lowrank_wgrad_grad(m, r_in, d_t)
             elif isinstance(d_t, Low) and not d_t.f.shared and self._gfold_cheaper(m, B, d_t.f.rank, H * W, ho * wo):
                 r = d_t.f.rank
                 Hm = conv2d_weight(r_in.reshape(1, B * C, H, W), (B * r, C, *m.kernel_size),
@@ -242,12 +336,14 @@ class LinearRule(WeightedRule):
     ) -> dict[str, Tensor]:
         m = b.module
         d2 = delta.reshape(-1, delta.shape[-1])
-        gw = torch.zeros_like(m.weight)
+        gw: Tensor | None = None  # written by the first GEMM, accumulated into by the second: no zero pass
         if t_in is not None:
-            gw += d2.t() @ dense(t_in).reshape(-1, m.in_features)
+            gw = d2.t() @ dense(t_in).reshape(-1, m.in_features)
         if r_in is not None and d_t is not None:
-            gw += dense(d_t).reshape(-1, m.out_features).t() @ r_in.reshape(-1, m.in_features)
-        out = {"weight": gw}
+            dt2 = dense(d_t).reshape(-1, m.out_features).t()
+            r2 = r_in.reshape(-1, m.in_features)
+            gw = dt2 @ r2 if gw is None else gw.addmm_(dt2, r2)
+        out = {"weight": torch.zeros_like(m.weight) if gw is None else gw}
         if m.bias is not None:
             out["bias"] = d2.sum(0)
         return out

@@ -1,0 +1,199 @@
+"""Cost-aware placement: does splitting a layer save trusted time, or should it run fully trusted?
+
+Splitting a convolution replaces its trusted cost ``dense = F / rate_conv`` (``F`` its FLOPs) with the
+cost of the split: a decomposition of the input (a Gram matrix on a pixel subsample, three passes over
+the activation: norm, ``V = UᵀX``, ``R = X − UV``), the low-rank convolution ``r/C`` of the FLOPs at GEMM
+rate plus its im2col, and the merge (a pass over the output). On a CPU these passes are memory-bound, so
+a layer with few input channels (the RGB input), a high rank relative to ``C``, or a tiny feature map can
+cost *more* split than dense. Such a layer runs fully in the trusted context: faster *and* nothing is
+released for it.
+
+The rates (dense-conv GFLOP/s, GEMM GFLOP/s, memory-pass GB/s) are measured on this machine once per
+torch thread count (well under a second) and cached in ``$ASYMML_CACHE`` (default
+``~/.cache/asymml``)/``calibration.json``; :func:`calibrate` with ``force=True`` re-measures. The model is
+a roofline: each step costs ``max(flops / rate, bytes / bandwidth)``; a layer is split only when the
+predicted split cost is below ``margin`` (default 0.8) times the dense cost, so near-ties stay trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PLACEMENTS = ("auto", "split", "trusted")
+"""``auto``: the cost model decides per layer; ``split``: split every layer it can (the prototype);
+``trusted``: keep every layer trusted (releases nothing — the TEE-only baseline through the split path)."""
+
+DEFAULT_MARGIN = 0.8
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Measured rates of the trusted CPU (per torch thread count)."""
+
+    conv_flops: float  # dense convolution, FLOP/s (channels-last)
+    gemm_flops: float  # batched GEMM, FLOP/s
+    bandwidth: float  # bytes/s of an elementwise read-modify-write pass
+    threads: int
+
+    def roof(self, flops: float, nbytes: float, rate: float) -> float:
+        return max(flops / rate, nbytes / self.bandwidth)
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("ASYMML_CACHE", Path.home() / ".cache" / "asymml"))
+    return root / "calibration.json"
+
+
+def _best(fn, n: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates() -> MachineRates:
+    """Measure the three rates now (≈0.3–1 s)."""
+    with torch.no_grad():
+        x = torch.randn(4, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+        t_conv = _best(lambda: F.conv2d(x, w, None, padding=1))
+        conv = 2 * 4 * 64 * 64 * 9 * 56 * 56 / t_conv
+        a = torch.randn(4, 3136, 288)
+        b = torch.randn(4, 288, 128)
+        out = torch.empty(4, 3136, 128)
+        t_gemm = _best(lambda: torch.bmm(a, b, out=out))
+        gemm = 2 * 4 * 3136 * 288 * 128 / t_gemm
+        u = torch.randn(1 << 23)
+        v = torch.randn(1 << 23)
+        t_bw = _best(lambda: u.add_(v))
+        bw = 3 * u.numel() * 4 / t_bw
+    return MachineRates(conv, gemm, bw, torch.get_num_threads())
+
+
+_LOCK = threading.Lock()
+_RATES: dict[int, MachineRates] = {}
+
+
+def calibrate(force: bool = False) -> MachineRates:
+    """The machine's rates for the current torch thread count: cached in memory and on disk."""
+    threads = torch.get_num_threads()
+    with _LOCK:
+        if not force and threads in _RATES:
+            return _RATES[threads]
+        path = _cache_file()
+        table: dict[str, dict] = {}
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        entry = table.get(str(threads)) if isinstance(table, dict) else None
+        rates = None
+        if not force and isinstance(entry, dict):
+            try:
+                rates = MachineRates(**entry)
+            except TypeError:
+                rates = None
+        if rates is None:
+            rates = measure_rates()
+            table = table if isinstance(table, dict) else {}
+            table[str(threads)] = asdict(rates)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home: keep the in-memory figures
+        _RATES[threads] = rates
+        return rates
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What the cost model needs to know about one convolution and its input."""
+
+    B: int
+    C: int
+    O: int
+    groups: int
+    kk: int
+    hw_in: int
+    hw_out: int
+
+    @property
+    def dense_flops(self) -> float:
+        return 2.0 * self.B * self.O * (self.C // self.groups) * self.kk * self.hw_out
+
+
+def dense_cost(s: ConvShape, rates: MachineRates, training: bool) -> float:
+    """Trusted seconds of the layer run densely (forward; ×3 with its two backward convolutions)."""
+    fwd = rates.roof(s.dense_flops, 4.0 * s.B * (s.C * s.hw_in + s.O * s.hw_out), rates.conv_flops)
+    return fwd * (3.0 if training else 1.0)
+
+
+def split_cost(s: ConvShape, r: int, rates: MachineRates, training: bool, shared: bool = False) -> float:
+    """Predicted trusted seconds of the layer run split at rank ``r`` (forward, or forward+backward)."""
+    B, C, O, kk = s.B, s.C, s.O, s.kk
+    act = 4.0 * B * C * s.hw_in  # bytes of the input activation
+    out = 4.0 * B * O * s.hw_out
+    sub = max(1, min(4, s.hw_in // max(1, 4 * C)))
+    gram = 2.0 * B * C * C * s.hw_in / sub
+    proj = 4.0 * B * C * r * s.hw_in  # V = UᵀX and R = X − UV
+    decomp = rates.roof(gram, act / sub, rates.gemm_flops) + rates.roof(proj, 4 * act, rates.gemm_flops)
+    g = s.groups
+    if g == 1:
+        lowconv = rates.roof(2.0 * B * O * r * kk * s.hw_out + 2.0 * (1 if shared else B) * O * kk * C * r,
+                             4.0 * B * r * kk * s.hw_out * 2 + out, rates.gemm_flops)
+    else:  # grouped/depthwise: the trusted part is computed directly on the dense low-rank part
+        lowconv = rates.roof(2.0 * B * C * r * s.hw_in + s.dense_flops, act + out, rates.conv_flops)
+    merge = 3.0 * out / rates.bandwidth
+    fwd = decomp + lowconv + merge
+    if not training:
+        return fwd
+    # backward (protected): decompose δ like an activation, the two low-rank gradient convolutions and
+    # the trusted weight-gradient terms, each ≈ a low-rank convolution, plus the R̃⋆δ_L correlation
+    gdecomp = rates.roof(2.0 * B * O * O * s.hw_out / max(1, min(4, s.hw_out // max(1, 4 * O))) + 4.0 * B * O * r * s.hw_out,
+                         5 * out, rates.gemm_flops)
+    return fwd + gdecomp + 3.0 * lowconv + merge
+
+
+class Planner:
+    """Decides, per layer and input shape, whether splitting saves trusted time (see module doc)."""
+
+    def __init__(self, policy: str = "auto", margin: float = DEFAULT_MARGIN) -> None:
+        self.policy = policy
+        self.margin = margin
+        self._decisions: dict[tuple, tuple[bool, float, float]] = {}
+
+    def split_pays(self, key: str, s: ConvShape, r: int, *, training: bool, shared: bool) -> bool:
+        if self.policy == "split":
+            return True
+        if self.policy == "trusted":
+            return False
+        k = (key, s, r, training, shared, torch.get_num_threads())
+        hit = self._decisions.get(k)
+        if hit is None:
+            rates = calibrate()
+            d = dense_cost(s, rates, training)
+            sp = split_cost(s, r, rates, training, shared)
+            hit = (sp < self.margin * d, d, sp)
+            self._decisions[k] = hit
+        return hit[0]
+
+    def decisions(self) -> dict[str, dict[str, float | bool]]:
+        """The latest decision per layer: ``split``, predicted ``dense_s`` and ``split_s``."""
+        out: dict[str, dict[str, float | bool]] = {}
+        for (key, *_), (ok, d, sp) in self._decisions.items():
+            out[key] = {"split": ok, "dense_s": d, "split_s": sp}
+        return out
