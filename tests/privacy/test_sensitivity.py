@@ -28,6 +28,7 @@ def _cnn(bn: bool) -> nn.Module:
     (dict(rank="adaptive:0.1"), "fixed rank"),
     (dict(clip="auto"), "fixed clip"),
     (dict(loss_reduction="mean"), "expected batch size"),
+    (dict(public_random_start=True), "decomposition='eigh'"),
 ])
 def test_each_coupling_is_refused_with_what_to_do(kwargs, match) -> None:
     with pytest.raises(PrivacyConfigError, match=match):
@@ -45,7 +46,7 @@ def test_train_mode_batchnorm_is_refused_and_fix_makes_it_pass() -> None:
     check_independent(model.train(), basis="sample", warm_start=False, rank="schedule", clip=1.0, loss_reduction="sum")
 
 
-def _dependence(model: nn.Module, **split_kw) -> float:
+def _dependence(model: nn.Module, remove: bool = False, **split_kw) -> float:
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 0])
     state = copy.deepcopy(model.state_dict())
@@ -55,7 +56,7 @@ def _dependence(model: nn.Module, **split_kw) -> float:
         m.load_state_dict(state)
         return asymml.split(m, rank=2, audit=True, **SPLIT_EVERY_LAYER, **split_kw)
 
-    return release_dependence(make, x, y, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="sum"))
+    return release_dependence(make, x, y, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="sum"), remove=remove)
 
 
 def test_release_of_one_sample_does_not_depend_on_another() -> None:
@@ -64,3 +65,6 @@ def test_release_of_one_sample_does_not_depend_on_another() -> None:
     assert _dependence(_cnn(False).train(), basis="sample", warm_start=False, decomposition="eigh") < 1e-5
     assert _dependence(_cnn(True).train(), basis="sample", warm_start=False, decomposition="eigh") > 1e-2
     assert _dependence(_cnn(False).train(), basis="batch", warm_start=False, decomposition="eigh") > 1e-2
+    # removing a sample (Poisson adjacency) leaves the others' releases unchanged too (deterministic eigh)
+    assert _dependence(_cnn(False).train(), remove=True, basis="sample", warm_start=False, decomposition="eigh") < 1e-5
+    assert _dependence(_cnn(True).train(), remove=True, basis="sample", warm_start=False, decomposition="eigh") > 1e-2

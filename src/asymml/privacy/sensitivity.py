@@ -18,6 +18,12 @@ batch's releases is no longer ``c`` and the accounted epsilon is wrong.  Configu
   privatised).  Fix: a fixed clip calibrated on public data.
 * **mean loss reduction** under Poisson sampling -- every gradient is divided by the realised batch size,
   which depends on which other samples were drawn.  Fix: sum, divided by the *expected* batch size.
+* **public random starts** of ``decomposition="power"``/``"rsvd"`` -- the start of the sample at batch
+  position ``p`` is the ``p``-th draw of a generator seeded with the public ``seed``; adding or removing one
+  sample (Poisson sampling's adjacency) shifts every later sample to another, *known* start.  Measured:
+  removing sample 0 of 8 moved the other samples' releases by up to 100% with ``power`` (cold start), by
+  2e-6 with ``eigh``.  With starts drawn fresh from the trusted secure generator the shift changes nothing
+  in distribution (starts are i.i.d. and secret).  Fix: secret random starts, or ``decomposition="eigh"``.
 
 :func:`check_independent` refuses these with :class:`~asymml.errors.PrivacyConfigError` whose message
 says what to do; :func:`coupling_layers` lists the modules that couple samples (for ``asymml.validate``);
@@ -70,13 +76,15 @@ def check_independent(
     rank: Any = None,
     clip: float | str | None = None,
     loss_reduction: str | None = None,
+    public_random_start: bool = False,
 ) -> None:
     """Refuse (``PrivacyConfigError``) a noised configuration in which a release depends on other samples.
 
     Call it wherever an epsilon is going to be reported: ``asymml.split`` when noise is given, the training
     loop when ``--epsilon``/``--noise`` is set, the privacy report.  ``model`` (optional) is scanned for
     coupling modules in the mode given by ``training``; ``rank`` (a policy or its spec), ``clip`` and
-    ``loss_reduction`` are checked when given.  Every problem found is listed in one message.
+    ``loss_reduction`` are checked when given; ``public_random_start=True`` says the decomposition's random
+    starts come from a publicly seeded generator.  Every problem found is listed in one message.
     """
     problems: list[str] = []
     if model is not None:
@@ -96,6 +104,10 @@ def check_independent(
     if isinstance(clip, str) and clip.strip().lower().startswith("auto"):
         problems.append(f"clip={clip!r} is a quantile of the batch's norms (and is not privatised): use a fixed "
                         "clip, e.g. calibrated on public data")
+    if public_random_start and decomposition in ("power", "rsvd"):
+        problems.append(f"decomposition={decomposition!r} starts from publicly seeded random matrices, one per batch "
+                        "position, so adding or removing a sample moves every later sample's release: draw the starts "
+                        "from the trusted secure generator, or use decomposition='eigh'")
     if loss_reduction == "mean":
         problems.append("a mean loss divides every gradient by the realised batch size, which depends on the other "
                         "samples drawn: use reduction='sum' divided by the expected batch size")
@@ -123,30 +135,35 @@ def release_dependence(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     sample: int = 0,
     kinds: Sequence[str] = ("residual", "activation", "grad_residual"),
+    remove: bool = False,
 ) -> float:
-    """Largest relative change of *other* samples' releases when sample ``sample`` of ``x`` is replaced.
+    """Largest relative change of *other* samples' releases when sample ``sample`` of ``x`` is replaced
+    (``remove=True``: removed from the batch, Poisson sampling's adjacency).
 
     ``make_split()`` must return a fresh audited split model (``audit=True``) on the same weights and with
     noise off (or a replayable seed); one forward (and backward, when ``y`` and ``loss_fn`` are given) runs
-    on ``x`` and on ``x`` with sample ``sample`` replaced by noise.  0 means independent.
+    on ``x`` and on ``x`` with sample ``sample`` replaced by noise (or left out).  0 means independent.
     """
-    def releases(inp: Tensor) -> list[Tensor]:
+    def releases(inp: Tensor, target: Tensor | None) -> list[Tensor]:
         sm = make_split()
         out = sm(inp)
-        if y is not None and loss_fn is not None:
-            loss_fn(out, y).backward()
+        if target is not None and loss_fn is not None:
+            loss_fn(out, target).backward()
         return [r.tensor for r in sm.executor.ledger if r.kind in kinds and r.tensor is not None
                 and r.tensor.dim() > 0 and r.tensor.shape[0] == inp.shape[0]]
 
-    x2 = x.clone()
-    x2[sample] = torch.randn(x[sample].shape, generator=torch.Generator().manual_seed(12345), dtype=x.dtype)
-    a, b = releases(x), releases(x2)
+    keep = [i for i in range(x.shape[0]) if i != sample]
+    if remove:
+        x2, y2 = x[keep], (None if y is None else y[keep])
+    else:
+        x2, y2 = x.clone(), y
+        x2[sample] = torch.randn(x[sample].shape, generator=torch.Generator().manual_seed(12345), dtype=x.dtype)
+    a, b = releases(x, y), releases(x2, y2)
     if len(a) != len(b):
         return float("inf")
-    keep = [i for i in range(x.shape[0]) if i != sample]
     worst = 0.0
     for ra, rb in zip(a, b):
-        ra, rb = ra[keep].double(), rb[keep].double()
+        ra, rb = ra[keep].double(), (rb if remove else rb[keep]).double()
         den = torch.linalg.vector_norm(ra.reshape(len(keep), -1), dim=1).clamp_min(1e-12)
         num = torch.linalg.vector_norm((ra - rb).reshape(len(keep), -1), dim=1)
         worst = max(worst, float((num / den).max()))
