@@ -141,13 +141,14 @@ def test_poisson_batches_come_from_the_secure_generator() -> None:
 
 def test_accounted_run_covers_updates_and_trains(tmp_path: Path) -> None:
     lines: list[str] = []
-    s, losses = _run(tmp_path, echo=lines, epochs=1, epsilon=8.0, limit_train=64, clip=0.01, lr=0.1)
+    s, losses = _run(tmp_path, echo=lines, epochs=1, epsilon=8.0, limit_train=32, limit_test=50)
     priv = s["privacy"]
     assert set(priv) == {"epsilon", "delta", "covers", "notes"}
     assert {"activations", "gradients", "updates", "sampling"} <= set(priv["covers"])
     assert 0 < priv["epsilon"] <= 8.0 * 1.001 and priv["delta"] == 1e-5
     assert s["model"]["norm"] == "group" and s["config"]["warm_start"] is False
-    assert any("1 epoch x 4 steps" in ln for ln in lines), lines  # plural right
+    assert any("1 epoch x 2 steps" in ln for ln in lines), lines  # plural right
+    assert s["config"]["clip"] == 1e-3 and s["config"]["placement"] == "split"  # the accounted defaults
     assert any("covers activations, gradients, updates" in ln for ln in lines), lines[-1]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     # never noise state in a checkpoint: only the decomposition generator and warm-start cache
@@ -274,28 +275,33 @@ def test_remote_executor_gets_timeout_and_tls_options(monkeypatch: pytest.Monkey
     seen: dict[str, Any] = {}
 
     class Fake:
-        def __init__(self, address: str, *, audit: bool = False, timeout: float | None = 300.0,
-                     tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None) -> None:
-            seen.update(address=address, timeout=timeout, tls=(tls_cert, tls_key, tls_ca))
+        def __init__(self, address: str) -> None:
             self.address = remote.parse_address(address)
             self.device = torch.device("cpu")
 
-    monkeypatch.setattr(remote, "RemoteExecutor", Fake)
+    def fake_make_executor(spec: str, *, audit: bool = False, tls_cert: str | None = None, tls_key: str | None = None,
+                           tls_ca: str | None = None, insecure: bool = False, timeout: float | None = 300.0,
+                           verify: bool | None = None) -> Fake:
+        seen.update(spec=spec, timeout=timeout, tls=(tls_cert, tls_key, tls_ca), insecure=insecure, verify=verify)
+        return Fake(spec)
+
+    monkeypatch.setattr(remote, "make_executor", fake_make_executor)
     cfg = TrainConfig(device="tcp://127.0.0.1:7777", request_timeout=7.5, tls_cert="c.pem", tls_key="k.pem",
-                      tls_ca="ca.pem").validate()
+                      tls_ca="ca.pem", verify=False).validate()
     ex = build_executor(cfg)
-    assert seen == {"address": "tcp://127.0.0.1:7777", "timeout": 7.5, "tls": ("c.pem", "k.pem", "ca.pem")}
+    assert seen == {"spec": "tcp://127.0.0.1:7777", "timeout": 7.5, "tls": ("c.pem", "k.pem", "ca.pem"),
+                    "insecure": False, "verify": False}
     assert accelerator_name(ex) == "tcp://127.0.0.1:7777 (cpu)"  # the connection, not "cpu"
     seen.clear()
-    build_executor(TrainConfig(device="unix:///tmp/a.sock").validate())
-    assert seen["tls"] == (None, None, None) and seen["timeout"] == 60.0
+    build_executor(TrainConfig(device="unix:///tmp/a.sock", insecure=True).validate())
+    assert seen["tls"] == (None, None, None) and seen["timeout"] == 60.0 and seen["insecure"] is True
 
 
 def test_checkpoint_cadence_and_connection_options_may_change_on_resume() -> None:
     from asymml.training.config import RUNTIME_FIELDS
 
     for name in ("checkpoint_every_steps", "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key",
-                 "tls_ca", "device"):
+                 "tls_ca", "insecure", "verify", "device"):
         assert name in RUNTIME_FIELDS
 
 
@@ -306,3 +312,23 @@ def test_config_file_sets_the_new_options(tmp_path: Path) -> None:
     assert (cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, cfg.request_timeout, cfg.update_clip) == \
         (50, 0.5, 12.0, 0.5)
     assert json.loads(json.dumps(cfg.to_dict()))["update_clip"] == 0.5
+
+
+def test_training_reaches_no_private_members_of_the_runtime() -> None:
+    """Issue 8 item 3: state goes through public interfaces; the only exception (until the runtime has
+    get_extra_state) is isolated in checkpoint._legacy_*, and never touches noise state or the pool."""
+    import re
+
+    import asymml.training as training
+
+    root = Path(training.__file__).parent
+    never = re.compile(r"\._(noise_gen|pool|counts|clip_state|norms|multipliers|rng)\b")
+    legacy = re.compile(r"\b(_gen|_warm)\b")
+    for f in root.glob("*.py"):
+        text = f.read_text()
+        assert not never.search(text), (f.name, never.search(text))
+        if f.name != "checkpoint.py":
+            assert not legacy.search(text), (f.name, legacy.search(text))
+    text = (root / "checkpoint.py").read_text()
+    outside = text[:text.index("def _legacy_split_state")]
+    assert not re.search(r"\b(_gen|_warm)\b", outside.replace('"_gen"', "").replace('"_warm"', ""))

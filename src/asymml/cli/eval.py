@@ -22,8 +22,8 @@ Takes an asymml train checkpoint (the model, dataset and split options are read 
 state_dict such as OUT/model.pt (options from the summary.json beside it, or from --model, --dataset, ...).
 Options not given default to the training run's."""
 
-EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "model", "width", "norm",
-                "dataset", "data_dir", "image_size", "limit_test", "workers", "rank", "tau", "decomposition",
+EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify", "model",
+                "width", "norm", "dataset", "data_dir", "image_size", "limit_test", "workers", "rank", "tau", "decomposition",
                 "iters", "basis", "backward", "seed", "threads", "noise", "nsr", "clip")
 
 
@@ -42,8 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint.pt of a run (or its directory), or a bare state_dict such as model.pt")
     for name in EVAL_OPTIONS:
         o = opts[name]
-        p.add_argument(o.cli, dest=name, type=OptionType(o), default=argparse.SUPPRESS,
-                       metavar=o.metavar or name.upper(), help=_help(o.help))
+        if o.is_flag:
+            p.add_argument(o.cli, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=_help(o.help))
+        else:
+            p.add_argument(o.cli, dest=name, type=OptionType(o), default=argparse.SUPPRESS,
+                           metavar=o.metavar or name.upper(), help=_help(o.help))
     p.add_argument("--batch-size", dest="test_batch_size", type=OptionType(opts["test_batch_size"]),
                    default=argparse.SUPPRESS, metavar="N", help="evaluation batch size (default: the training "
                    "run's --test-batch-size)")

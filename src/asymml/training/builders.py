@@ -71,25 +71,26 @@ def noise_config(cfg: TrainConfig) -> Any:
 
 
 def build_executor(cfg: TrainConfig, device: str | None = None) -> Any:
-    """The executor of ``--device``: local, or a remote accelerator server with ``--request-timeout`` and
-    the TLS options (passed only when set, so an executor without TLS support still serves plain runs)."""
+    """The executor of ``--device`` (local, or a remote accelerator server) with ``--request-timeout``, the
+    TLS options, ``--insecure`` and ``--verify``.  An option this asymml's executors do not take is an error
+    when it is set, and left out when it is at its default."""
+    from ..executors import remote
+
     dev = device or cfg.device
-    if not dev.startswith(("tcp://", "unix://")):
-        from ..executors import make_executor
-
-        return make_executor(dev)
-    from ..executors.remote import RemoteExecutor
-
-    kw: dict[str, Any] = {"timeout": cfg.request_timeout}
-    tls = {k: getattr(cfg, k) for k in ("tls_cert", "tls_key", "tls_ca") if getattr(cfg, k) is not None}
-    if tls:
-        accepted = inspect.signature(RemoteExecutor).parameters
-        missing = [k for k in tls if k not in accepted]
-        if missing:
-            raise ConfigError(f"this asymml's remote executor has no TLS support ({', '.join(missing)}); "
-                              "drop the --tls-* options or update asymml")
-        kw.update(tls)
-    return RemoteExecutor(dev, **kw)
+    is_remote = dev.startswith(("tcp://", "unix://"))
+    options: dict[str, Any] = {"tls_cert": cfg.tls_cert, "tls_key": cfg.tls_key, "tls_ca": cfg.tls_ca,
+                               "insecure": cfg.insecure, "verify": cfg.verify}
+    if is_remote:
+        options["timeout"] = cfg.request_timeout
+    accepted = inspect.signature(remote.make_executor).parameters
+    kw: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in accepted:
+            kw[name] = value
+        elif value not in (None, False) and name != "timeout":
+            raise ConfigError(f"--{name.replace('_', '-')} is not supported by this asymml's executors; drop it "
+                              "or update asymml")
+    return remote.make_executor(dev, **kw)
 
 
 def accelerator_name(executor: Any) -> str:
@@ -98,14 +99,7 @@ def accelerator_name(executor: Any) -> str:
     address = getattr(executor, "address", None)
     device = getattr(executor, "device", None)
     if address is not None:
-        kind = getattr(address, "kind", None)
-        if kind == "tcp":
-            where = f"tcp://{address.host}:{address.port}"
-        elif kind == "unix":
-            where = f"unix://{address.path}"
-        else:
-            where = str(address)
-        return f"{where} ({device})" if device is not None else where
+        return f"{address} ({device})" if device is not None else str(address)
     return str(device)
 
 
@@ -113,12 +107,18 @@ def build_split(model: nn.Module, cfg: TrainConfig, *, noise: Any = None, device
     """``asymml.split`` of ``model`` with the split options of ``cfg`` (``noise`` as given)."""
     import asymml
 
+    extra: dict[str, Any] = {}
+    if "placement" in inspect.signature(asymml.split).parameters:
+        extra["placement"] = cfg.placement
+    elif cfg.placement == "trusted":
+        raise ConfigError("--placement trusted is not supported by this asymml; use --mode trusted-only")
     executor = build_executor(cfg, device)
     try:
         return asymml.split(
             model, rank=cfg.rank_spec, decomposition=cfg.decomposition, backward=cfg.backward, noise=noise,
             mode=cfg.mode, executor=executor, iters=cfg.iters, basis=cfg.basis, input_rank=cfg.input_rank,
             grad_rank=cfg.grad_rank, warm_start=bool(cfg.warm_start), seed=cfg.seed, noise_seed=cfg.noise_seed,
+            **extra,
         )
     except BaseException:
         executor.close()

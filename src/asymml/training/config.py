@@ -36,6 +36,7 @@ BASES = ("sample", "batch")
 BACKWARDS = ("protected", "paper")
 ACCOUNTANTS = ("rdp", "prv")
 NORMS = ("auto", "batch", "group")
+PLACEMENTS = ("auto", "split", "trusted")
 UPDATE_BUDGET = 0.9
 """Share of an --epsilon run's privacy budget (in 1/sigma^2 per step) given to the DP-SGD updates."""
 DEFAULT_CIFAR_WIDTH = 0.25
@@ -267,6 +268,10 @@ OPTIONS: tuple[Option, ...] = (
     _o("tls_key", optional(path_text), None, "private key (PEM) of --tls-cert", "execution", metavar="FILE"),
     _o("tls_ca", optional(path_text), None, "CA certificate (PEM) that signed the server's certificate",
        "execution", metavar="FILE"),
+    _o("insecure", flag, False, "allow an unauthenticated, unencrypted link to a non-loopback accelerator "
+       "server (only on a network you trust)", "execution", is_flag=True),
+    _o("verify", optional(flag), None, "check every accelerator result: shape, dtype, finiteness and randomized "
+       "Freivalds checks (default: on for a remote server, off in-process)", "execution", is_flag=True),
     _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
        metavar="N"),
     # optimisation
@@ -305,6 +310,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("warm_start", optional(flag), None, "warm-start power iterations from the previous step's basis "
        "(default: on without noise, off with noise: a warm start carries other samples' factors)", "split",
        is_flag=True),
+    _o("placement", choice(*PLACEMENTS), "auto", "auto (a cost model keeps a layer fully trusted when splitting "
+       "it would not save trusted time), split (split every layer that can be), trusted", "split"),
     _o("backward", choice(*BACKWARDS), "protected", "protected: only gradient residuals reach the "
        "accelerator; paper: full activation gradients, as the prototype", "split"),
     # noise
@@ -346,7 +353,7 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 RUNTIME_FIELDS = frozenset({
     "data_dir", "download", "workers", "device", "threads", "test_batch_size", "limit_test", "epochs",
     "out", "resume", "progress", "tensorboard", "log_every", "checkpoint_every_steps",
-    "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key", "tls_ca",
+    "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify",
 })
 
 
@@ -370,6 +377,8 @@ class TrainConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    insecure: bool = False
+    verify: bool | None = None
     threads: int | None = None
     batch_size: int = 64
     test_batch_size: int = 256
@@ -391,6 +400,7 @@ class TrainConfig:
     iters: int = 2
     basis: str = "sample"
     warm_start: bool | None = None
+    placement: str = "auto"
     backward: str = "protected"
     noise: float | None = None
     nsr: float | None = None
@@ -614,7 +624,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         if g is None:
             g = groups[opt.group] = parser.add_argument_group(opt.group)
         help_text = opt.help
-        if opt.default is not None and not opt.is_flag and "default" not in help_text:
+        if opt.name in ACCOUNTED_DEFAULTS:
+            help_text += f" (default: {opt.default}; {ACCOUNTED_DEFAULTS[opt.name]} with --epsilon or --noise)"
+        elif opt.default is not None and not opt.is_flag and "default" not in help_text:
             help_text += f" (default: {opt.default})"
         if opt.is_flag:
             if "default" not in opt.help:
@@ -629,6 +641,28 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                            metavar=opt.metavar or opt.name.upper(), help=help_text)
     parser.add_argument("--sigma", dest="noise", type=OptionType(_BY_NAME["noise"]), default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # alias of --noise
+
+
+#: Defaults of a fresh accounted run (``--epsilon``/``--noise`` with a fixed clip: DP-SGD on updates) for the
+#: options the user did not set.  Why: every residual release is a Gaussian mechanism on a d-dimensional
+#: tensor with sensitivity ``clip``, so its signal-to-noise ratio is at most ``1 / (sigma * sqrt(d))``: the
+#: released residual carries nothing useful, and a small clip keeps its noise from swamping the trusted
+#: low-rank part (the model learns from ``L`` and the low-rank gradient ``δ_L``).  What the updates need is
+#: classic DP-SGD: large Poisson batches and a large learning rate for clipped, averaged gradients; and
+#: since the model learns from the low-rank part only, a higher rank (start 8 instead of 2).  Placement
+#: ``split``: one-sample micro-batches make the cost model keep every layer trusted on a CPU accelerator;
+#: an accounted run keeps the asymmetric split (and accounts its releases) unless asked otherwise.
+ACCOUNTED_DEFAULTS: dict[str, Any] = {"clip": 1e-3, "batch_size": 256, "lr": 0.5, "rank": "schedule:8:2:32",
+                                      "placement": "split"}
+
+
+def apply_accounted_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """Give a fresh accounted run :data:`ACCOUNTED_DEFAULTS` for every option not in ``given``."""
+    if cfg.dp_updates:
+        for name, value in ACCOUNTED_DEFAULTS.items():
+            if name not in given:
+                setattr(cfg, name, value)
+    return cfg
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .checkpoint import check_compatible, find_checkpoint, load_checkpoint
-from .config import TrainConfig, load_config_file, resolve_config
+from .config import TrainConfig, apply_accounted_defaults, load_config_file, resolve_config
 from .trainer import Callback, Trainer, TrainResult
 
 __all__ = ["prepare", "train"]
@@ -28,7 +28,8 @@ def prepare(cli: Mapping[str, Any] | None = None, config_file: str | None = None
     source = f"config file {config_file}"
     probe = resolve_config(cli, file_values, source=source)
     if probe.resume is None:
-        return probe.validate(), None
+        given = {str(k).replace("-", "_") for k in (*cli, *file_values)}
+        return apply_accounted_defaults(probe, given).validate(), None
     target = probe.resume or probe.out
     if not target:
         raise ConfigError("--resume needs a checkpoint file or run directory (or --out DIR)")

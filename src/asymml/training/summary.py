@@ -53,8 +53,8 @@ def privacy_report(t: Trainer) -> dict[str, Any]:
     if not t.dp:
         why = ("--nsr" if cfg.nsr is not None else "an adaptive --clip" if isinstance(cfg.clip, str)
                else f"--backward {cfg.backward}")
-        notes.append(f"no DP-SGD on updates with {why}: the accelerator reads each update by differencing the "
-                     "weights of two steps")
+        notes.append(f"DP-SGD on updates needs --noise or --epsilon with a fixed --clip and --backward protected; "
+                     f"this run has {why}, so the accelerator reads each update by differencing two steps' weights")
     if not t.noise_cfg.formally_accounted:
         notes.append("adaptive clip: the bound is data dependent, not a guarantee")
     if cfg.noise_seed is not None:
@@ -64,8 +64,9 @@ def privacy_report(t: Trainer) -> dict[str, Any]:
         notes.append("BatchNorm running statistics are computed from private data without noise and reach the "
                      "accelerator in evaluation (use --norm group)")
     eps = t.epsilon()
-    complete = {"activations", "gradients", "updates"} <= set(covers) and not notes and eps is not None \
-        and math.isfinite(eps)
+    # complete: the updates are noised and every private release was noised (a kind absent from covers
+    # was not released at all: e.g. layers kept fully trusted)
+    complete = "updates" in covers and not notes and eps is not None and math.isfinite(eps)
     if complete:
         notes.append("epsilon composes, per step, every noised release of a sampled sample and the noised trusted "
                      "share of its update (accelerator shares of weight gradients are post-processing of "
