@@ -77,3 +77,19 @@ def test_split_verify_flag_and_end_to_end_no_false_alarm():
 def test_time_overhead_reports_a_fraction():
     r = time_overhead(tiny(), batch(), steps=1)
     assert r["step_s"] > 0 and r["verify_s"] > 0 and 0 < r["fraction"] < 10
+
+
+def test_channels_last_tensors(case):
+    """The trusted side works channels-last: the checks must read either layout."""
+    c, fwd, bwd = case
+
+    def cl(t):
+        return t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
+
+    c = dict(c, inputs={k: cl(v) for k, v in c["inputs"].items()}, grads={k: cl(v) for k, v in c["grads"].items()})
+    f = {k: cl(v) for k, v in fwd.items()}
+    b = {s: {k: cl(v) for k, v in d.items()} for s, d in bwd.items()}
+    _run_checks(Verifier(), c, f, b)
+    b["param_grads"]["c1.weight"] = b["param_grads"]["c1.weight"] * 1.5
+    with pytest.raises(IntegrityError, match="c1.weight"):
+        _run_checks(Verifier(), c, f, b)

@@ -233,6 +233,15 @@ def _collapse(Rm: Tensor, t: Tensor) -> Tensor:
     return (R @ t.reshape(B, -1)).view(Rm.shape[0], *t.shape[1:])
 
 
+def _chan(t: Tensor, M: Tensor) -> Tensor:
+    """``out[b, r, h, w] = Σ_c M[r, c] t[b, c, h, w]`` as one matrix product in ``t``'s own memory layout."""
+    B, C, H, W = t.shape
+    M = M.to(t.dtype)
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return (t.permute(0, 2, 3, 1).reshape(-1, C) @ M.t()).view(B, H, W, -1).permute(0, 3, 1, 2)
+    return torch.matmul(M, t.reshape(B, C, H * W)).view(B, -1, H, W)
+
+
 def _ip(s: Val, t: Tensor | None) -> float:
     """``⟨s, t⟩`` (``t`` already collapsed to the batch of ``s`` where that applies)."""
     if s is None or t is None:
@@ -554,15 +563,21 @@ class Verifier:
         O = T.shape[1]
         B, C = x.shape[:2]
         # m[k] correlates with the input channels of each output channel's group
-        xm = torch.einsum("bgchw,rc->bgrhw", x.reshape(B, g, C // g, *x.shape[2:]), m.to(x.dtype))
-        xm = xm.reshape(B, g * R, *x.shape[2:])
+        if g == 1:
+            xm = _chan(x, m)
+        else:
+            xm = torch.einsum("bgchw,rc->bgrhw", x.reshape(B, g, C // g, *x.shape[2:]), m.to(x.dtype))
+            xm = xm.reshape(B, g * R, *x.shape[2:])
         Kw = K.to(x.dtype).unsqueeze(1).repeat(g, 1, 1, 1)               # (g·R, 1, k, k)
         Z = F.conv2d(xm, Kw, None, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
                      dilation=kw.get("dilation", 1), groups=g * R)     # (B, g·R, H', W'), channel = group·R + k
-        Z = Z.view(B, g, R, *Z.shape[2:])
-        dt = torch.einsum("bgohw,kgo->bgkhw", d.reshape(B, g, O // g, *d.shape[2:]),
-                          T.to(d.dtype).view(R, g, O // g))
-        return torch.einsum("bgkhw,bgkhw->k", dt.double(), Z.double())
+        Z = Z.contiguous()
+        if g == 1:
+            dt = _chan(d, T)
+        else:
+            dt = torch.einsum("bgohw,kgo->bgkhw", d.reshape(B, g, O // g, *d.shape[2:]),
+                              T.to(d.dtype).view(R, g, O // g)).reshape(B, g * R, *d.shape[2:])
+        return (dt.double() * Z.double()).reshape(B, g, R, -1).sum((0, 1, 3))
 
 
 def wrap_future(fut: Any, check: Callable[[Any], None]) -> Any:
