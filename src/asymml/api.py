@@ -67,6 +67,8 @@ def split(
     epc_bytes: int = EPC_DEFAULT_BYTES,
     seed: int = 0,
     noise_seed: int | None = None,
+    placement: str = "auto",
+    verify: bool | None = None,
 ) -> SplitModule:
     """Split ``model`` between the trusted context (this process) and ``executor`` (the accelerator).
 
@@ -84,14 +86,22 @@ def split(
         grad_rank: rank for gradient decomposition in protected mode (default: the layer's forward rank).
         strict: refuse ops that have no split rule and are not known to be non-linear.
         epc_bytes: trusted memory budget the profile compares against.
+        placement: ``"auto"`` (a cost model calibrated on this machine keeps a layer fully trusted —
+            releasing nothing for it — when splitting it would not save trusted time), ``"split"`` (split
+            every layer that can be split, as the prototype) or ``"trusted"``.
         seed: seeds the decomposition's random starts. noise_seed: seeds the DP noise — leave it ``None``
             (OS entropy) in real use: anyone who knows the seed can regenerate and subtract the noise.
+        verify: check every accelerator result (shape, dtype, finiteness and randomized Freivalds checks of
+            forward results, input and weight gradients); a failed check raises
+            :class:`~asymml.errors.IntegrityError`. ``None`` keeps the executor's default (on for
+            :class:`~asymml.executors.RemoteExecutor`, off for :class:`~asymml.executors.LocalExecutor`).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     options = SplitOptions(rank=rank, decomposition=decomposition, backward=backward, mode=mode, iters=iters,
                            basis=basis, input_rank=input_rank, grad_rank=grad_rank, warm_start=warm_start,
-                           strict=strict, epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed, audit=audit)
+                           strict=strict, epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed, audit=audit,
+                           placement=placement, verify=verify)
     return split_with_options(model, options, noise=noise, executor=executor)
 
 
@@ -112,6 +122,8 @@ def split_with_options(model: nn.Module, options: SplitOptions, *, noise: Any = 
         raise ConfigError(f"executor must be an asymml Executor, got {type(executor).__name__}")
     if options.audit:
         executor.ledger.audit = True
+    if options.verify is not None:  # None keeps the executor's default (on for remote executors)
+        executor.verify = options.verify
     return SplitModule(model, _runtime_config(options), executor, mech)
 
 

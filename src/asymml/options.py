@@ -25,6 +25,7 @@ from typing import Any
 
 from .decomposition import BASES, METHODS, RankPolicy, parse_rank
 from .errors import ConfigError
+from .planner import PLACEMENTS
 from .profiling import EPC_DEFAULT_BYTES
 
 __all__ = [
@@ -183,6 +184,9 @@ class SplitOptions:
     verify: bool | None = _opt(None, "check every accelerator result (shape, dtype, finiteness and a randomized "
                                "projection check); default: on for remote accelerators, off for local ones",
                                _optional(_parse_bool))
+    placement: str = _opt("auto", "auto (a cost model calibrated on this machine keeps a layer fully trusted when "
+                          "splitting it would not save trusted time), split (every layer that can be), or trusted",
+                          _parse_text, choices=PLACEMENTS)
     noise_grads: bool = _opt(True, "also noise released gradient residuals when noise is on", _parse_bool,
                              on_cli=False)
     audit: bool = _opt(False, "record a snapshot of every release in the executor's ledger", _parse_bool,
@@ -204,6 +208,7 @@ class SplitOptions:
         _choice("backward", self.backward, BACKWARDS)
         _choice("decomposition", self.decomposition, METHODS)
         _choice("basis", self.basis, BASES)
+        _choice("placement", self.placement, PLACEMENTS)
         _positive_int("iters", self.iters)
         if self.input_rank is not None and (not _is_int(self.input_rank) or self.input_rank < 1):
             raise ConfigError(f"input_rank must be a positive integer or None, got {self.input_rank!r}")

@@ -34,6 +34,7 @@ def _tiny() -> torch.nn.Module:
     ({"verify": "on"}, "verify must be"),
     ({"rank": True}, "invalid rank"),
     ({"grad_rank": 0}, "grad_rank: rank must be a positive integer"),
+    ({"placement": "gpu"}, "invalid placement"),
 ])
 def test_invalid_values_raise_config_error(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
@@ -42,10 +43,17 @@ def test_invalid_values_raise_config_error(kw: dict, match: str) -> None:
         assert info.value.__cause__ is None and info.value.__context__ is None
 
 
-@pytest.mark.parametrize("kw", [{"seed": 2**70}, {"warm_start": "no"}, {"epc_bytes": True}, {"seed": "a"}])
+@pytest.mark.parametrize("kw", [{"seed": 2**70}, {"warm_start": "no"}, {"epc_bytes": True}, {"seed": "a"},
+                                {"verify": "yes"}, {"placement": "fast"}])
 def test_split_validates_through_options(kw: dict) -> None:
     with pytest.raises(ConfigError):
         asymml.split(_tiny(), **kw)
+
+
+def test_split_passes_verify_and_placement_through() -> None:
+    sm = asymml.split(_tiny(), verify=True, placement="split")
+    assert sm.executor.verify is True and sm.cfg.placement == "split"
+    assert asymml.split(_tiny()).executor.verify is False  # None keeps the local executor's default
 
 
 def test_valid_values_and_frozen() -> None:
