@@ -25,6 +25,7 @@ from asymml.privacy.attacks.gradient import capture_update, gradient_leakage_att
 from asymml.privacy.attacks.inversion import PhotoTask, capture_training_releases, inversion_attack
 from asymml.privacy.attacks.statistics import mutual_information
 from asymml.privacy.report import ReportConfig, claim_check
+from asymml.privacy.secure_rng import SecureGenerator
 
 
 @pytest.fixture(autouse=True)
@@ -121,19 +122,19 @@ def test_noise_is_drawn_only_in_the_trusted_context() -> None:
                       loss_fn=nn.functional.cross_entropy).clips(sigma, 1.0)
     sm = build_split(model, mode, clips, audit=True, rank=1)
     threads: list[str] = []
-    real_randn = torch.randn
+    real_normal = SecureGenerator.standard_normal
 
-    def spy(*args, **kw):
+    def spy(self, *args, **kw):
         threads.append(threading.current_thread().name)
-        assert kw.get("generator") is not None, "noise must come from a trusted generator, not the global RNG"
-        return real_randn(*args, **kw)
+        assert self.secure, "noise must come from the OS-keyed secure generator"
+        return real_normal(self, *args, **kw)
 
     rng = torch.random.get_rng_state()
-    torch.randn = spy
+    SecureGenerator.standard_normal = spy  # type: ignore[method-assign]
     try:
         nn.functional.cross_entropy(sm(x), y).backward()
     finally:
-        torch.randn = real_randn
+        SecureGenerator.standard_normal = real_normal  # type: ignore[method-assign]
     assert torch.equal(rng, torch.random.get_rng_state())  # the global RNG is not used for noise
     assert threads and set(threads) == {threading.main_thread().name}  # never in the accelerator thread
     # every private-derived release reached the executor already noised: its norm is the noise's

@@ -50,13 +50,15 @@ __all__ = [
     "PRIVATE_SPLIT_DEFAULTS",
 ]
 
-PRIVATE_SPLIT_DEFAULTS: dict[str, Any] = {"warm_start": False, "basis": "sample"}
+PRIVATE_SPLIT_DEFAULTS: dict[str, Any] = {"warm_start": False, "basis": "sample", "decomposition": "eigh"}
+"""Split options every noised mode uses: releases must depend on one sample each
+(:func:`asymml.privacy.sensitivity.check_independent`): per-sample bases, no warm start, and a deterministic
+decomposition (the runtime's power-iteration starts are publicly seeded per batch position, which couples
+samples under add/remove adjacency)."""
 
 #: The attacks measure what a *split* layer releases: every layer that can be split is split (as the
 #: prototype), whatever a cost-aware placement would keep fully trusted on this machine.
 SPLIT_EVERY_LAYER: dict[str, Any] = {"placement": "split"} if "placement" in inspect.signature(_split).parameters else {}
-"""Split options every noised mode uses: releases must depend on one sample each
-(:func:`asymml.privacy.sensitivity.check_independent`)."""
 
 ATTACK_MODES = ("plain", "noise-only", "asym", "asym+noise")
 _SPLIT_MODE = {"plain": "plain", "noise-only": "noise-only", "asym": "asym", "asym+noise": "asym"}
@@ -319,7 +321,8 @@ def build_split(
         noise = LayerwiseNoise(mode.sigma, clips)
         split_kw = {**PRIVATE_SPLIT_DEFAULTS, **split_kw}
         check_independent(model, training=model.training, basis=split_kw["basis"], warm_start=split_kw["warm_start"],
-                          decomposition=split_kw.get("decomposition", "power"), rank=split_kw.get("rank"))
+                          decomposition=split_kw.get("decomposition", "power"), rank=split_kw.get("rank"),
+                          public_random_start=True)
     return _split(model, mode=mode.split_mode, noise=noise, audit=audit, **{**SPLIT_EVERY_LAYER, **split_kw})
 
 
