@@ -148,7 +148,7 @@ def test_accounted_run_covers_updates_and_trains(tmp_path: Path) -> None:
     assert 0 < priv["epsilon"] <= 8.0 * 1.001 and priv["delta"] == 1e-5
     assert s["model"]["norm"] == "group" and s["config"]["warm_start"] is False
     assert any("1 epoch x 2 steps" in ln for ln in lines), lines  # plural right
-    assert s["config"]["clip"] == 1e-3 and s["config"]["placement"] == "split"  # the accounted defaults
+    assert s["config"]["clip"] == 1e-6 and s["config"]["placement"] == "split"  # the accounted defaults
     assert any("covers activations, gradients, updates" in ln for ln in lines), lines[-1]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     # never noise state in a checkpoint: only the decomposition generator and warm-start cache

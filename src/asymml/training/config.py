@@ -646,13 +646,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 #: Defaults of a fresh accounted run (``--epsilon``/``--noise`` with a fixed clip: DP-SGD on updates) for the
 #: options the user did not set.  Why: every residual release is a Gaussian mechanism on a d-dimensional
 #: tensor with sensitivity ``clip``, so its signal-to-noise ratio is at most ``1 / (sigma * sqrt(d))``: the
-#: released residual carries nothing useful, and a small clip keeps its noise from swamping the trusted
-#: low-rank part (the model learns from ``L`` and the low-rank gradient ``δ_L``).  What the updates need is
+#: released residual carries nothing useful, and a tiny clip keeps its noise from swamping the trusted
+#: low-rank part (the model learns from ``L`` and the low-rank gradient ``δ_L``).  Measured on the default
+#: digits model (32 images, release sigma 9.2): cosine of the trusted-share gradient with the exact one
+#: 0.014 at clip 1e-2, 0.039 at 1e-3, 0.22 at 1e-4, 0.87 at 1e-5, 0.94 at 1e-6 (the low-rank ceiling).  What the updates need is
 #: classic DP-SGD: large Poisson batches and a large learning rate for clipped, averaged gradients; and
 #: since the model learns from the low-rank part only, a higher rank (start 8 instead of 2).  Placement
 #: ``split``: one-sample micro-batches make the cost model keep every layer trusted on a CPU accelerator;
 #: an accounted run keeps the asymmetric split (and accounts its releases) unless asked otherwise.
-ACCOUNTED_DEFAULTS: dict[str, Any] = {"clip": 1e-3, "batch_size": 256, "lr": 0.5, "rank": "schedule:8:2:32",
+ACCOUNTED_DEFAULTS: dict[str, Any] = {"clip": 1e-6, "batch_size": 256, "lr": 0.5, "rank": "schedule:8:2:32",
                                       "placement": "split"}
 
 
