@@ -150,6 +150,9 @@ def test_accounted_run_covers_updates_and_trains(tmp_path: Path) -> None:
     assert any("1 epoch x 2 steps" in ln for ln in lines), lines  # plural right
     assert s["config"]["clip"] == 1e-6 and s["config"]["placement"] == "split"  # the accounted defaults
     assert any("covers activations, gradients, updates" in ln for ln in lines), lines[-1]
+    from asymml.cli.main import main
+
+    assert main(["eval", str(tmp_path), "--json", "--no-progress", "--limit-test", "20"]) == 0  # GroupNorm model
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     # never noise state in a checkpoint: only the decomposition generator and warm-start cache
     assert set(ckpt["split"]) <= {"_gen", "_warm", "extra_state"}, set(ckpt["split"])
