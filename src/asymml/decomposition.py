@@ -175,12 +175,14 @@ def decompose(
     oversample: int = 8,
     generator: torch.Generator | None = None,
     inplace: bool = False,
+    keep_layout: bool = False,
 ) -> tuple[Factors, Tensor]:
     """Split ``X`` (``B×C×N``) into rank-``rank`` factors and the exact residual ``R = X − UV``.
 
     ``rank`` must already be clamped to ``[0, min(C, N)]``. ``init`` warm-starts the power iteration.
     ``inplace=True`` writes ``R`` over ``X`` (the caller guarantees nothing else reads ``X``): it saves
-    a full-size allocation and a pass over the activation.
+    a full-size allocation and a pass over the activation. ``keep_layout=True`` returns a channels-last
+    ``R`` for a channels-last ``X`` (no transposing copy; used for gradients).
     """
     if method not in METHODS:
         raise ValueError(f"unknown decomposition {method!r}; allowed: {', '.join(METHODS)}")
@@ -218,7 +220,7 @@ def decompose(
                 U = _basis_rsvd(X, rank, oversample, generator)
             else:
                 U = _basis_exact(X, rank, method)
-            if inplace and X.stride(1) == 1 and X.shape[1] > 1:
+            if (inplace or keep_layout) and X.stride(1) == 1 and X.shape[1] > 1:
                 # channels-last activation (pixels × channels per sample), overwritten: work in that
                 # layout so that R replaces X where it lies. (Otherwise R is written NCHW-contiguous,
                 # reading X strided: same cost, and float32 training was measured more robust to the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -356,6 +357,7 @@ class SplitModule(nn.Module):
         sig = tuple(m.training for m in self._gm.modules())
         p = self._plans.get(sig)
         if p is None:
+            self._check_privacy()
             p = build_plan(self._gm, strict=self.cfg.strict)
             self._plans[sig] = p
         return p
@@ -483,12 +485,12 @@ class SplitModule(nn.Module):
             ratio = torch.zeros(B)
         else:
             X3 = x.detach().reshape(B, C, N)
-            init = self._warm.get(layer) if cfg.warm_start and cfg.decomposition == "power" else None
+            init = self._warm.get(layer) if self._warm_starts else None
             # ‖R‖² = ‖X‖² − ‖V‖² for an orthonormal basis: one read of X instead of two full passes
             xx = torch.linalg.vector_norm(X3, dim=(1, 2)).square()
             f, R = decompose(X3, r, method=cfg.decomposition, iters=cfg.iters, basis=cfg.basis, init=init,
-                             generator=self._gen, inplace=self._overwritable(x, v))
-            if cfg.warm_start and cfg.decomposition == "power" and r > 0:
+                             generator=self._starts(), inplace=self._overwritable(x, v))
+            if self._warm_starts and r > 0:
                 self._warm[layer] = f.U
             ratio = ((xx - f.V.square().sum((1, 2))).clamp_min(0) / xx.clamp_min(1e-30))
             rel = R.reshape(x.shape)
@@ -507,6 +509,31 @@ class SplitModule(nn.Module):
             lp.energy_ratio = float(ratio.mean())
         ctx.cache[key] = (x, tp, h, r)
         return tp, h, r
+
+    @property
+    def _warm_starts(self) -> bool:
+        """Warm-started power iteration carries another batch's factors into this batch's releases, so it
+        is used only without noise (with noise every release must depend on its own sample alone)."""
+        return self.cfg.warm_start and self.cfg.decomposition == "power" and self.mechanism is None
+
+    def _starts(self) -> torch.Generator:
+        """Random starts of the decomposition. With noise on they come from OS entropy per call: drawn
+        from one seeded stream by batch position, a sample's start (and, for an iteration that has not
+        converged, its release) would depend on which other samples are in the batch."""
+        if self.mechanism is None:
+            return self._gen
+        return torch.Generator().manual_seed(secrets.randbits(63))
+
+    def _check_privacy(self) -> None:
+        """With noise on, refuse (``PrivacyConfigError``) a plan in which releases couple samples (the
+        modules' current train/eval flags decide, as they decide the plan)."""
+        if self.mechanism is None:
+            return
+        from .privacy.sensitivity import check_independent
+
+        cfg = self.cfg
+        check_independent(self.model, basis=cfg.basis, warm_start=self._warm_starts, training=None,
+                          decomposition=cfg.decomposition, rank=cfg.rank)
 
     def _split_pays(self, reg: Region, v: fx.Node, x: Tensor, r: int) -> bool:
         """Ask the cost-aware planner whether splitting the convolutions that read ``x`` saves time."""
@@ -550,10 +577,10 @@ class SplitModule(nn.Module):
         if r >= min(C, N):
             return None, None
         layer = f"{reg.name}:grad"
-        init = self._warm.get(layer) if cfg.warm_start and cfg.decomposition == "power" else None
+        init = self._warm.get(layer) if self._warm_starts else None
         f, R = decompose(g.detach().reshape(B, C, N), r, method=cfg.decomposition, iters=cfg.iters,
-                         basis=cfg.basis, init=init, generator=self._gen)
-        if cfg.warm_start and cfg.decomposition == "power" and r > 0:
+                         basis=cfg.basis, init=init, generator=self._starts(), keep_layout=True)
+        if self._warm_starts and r > 0:
             self._warm[layer] = f.U
         rel = R.reshape(g.shape)
         if self.mechanism is not None and cfg.noise_grads:

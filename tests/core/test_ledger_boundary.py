@@ -112,7 +112,7 @@ def test_plain_mode_releases_input_and_trusted_only_releases_nothing() -> None:
 
 
 def test_noise_only_releases_noised_whole_activations() -> None:
-    model = get_model("resnet20", num_classes=10)
+    model = asymml.fix(get_model("resnet20", num_classes=10), privacy=True)  # GroupNorm: samples independent
     x = torch.rand(2, 3, 32, 32)
     sm = asymml.split(model, mode="noise-only", audit=True, noise=NoiseConfig(sigma=1.0, clip=1.0))
     sm(x).sum().backward()
@@ -164,3 +164,31 @@ def test_weight_cache_is_not_fooled_by_reused_ids() -> None:
         assert torch.equal(got, w), k
         del w
     assert len(ex._weight_versions) <= 1
+
+
+def test_noise_with_coupled_samples_is_refused() -> None:
+    """With noise on, a train-mode BatchNorm (each release would depend on the whole batch) is refused
+    before anything is released, with a message that says what to do."""
+    model = get_model("resnet20", num_classes=10).train()
+    ex = asymml.LocalExecutor("cpu", audit=True)
+    with pytest.raises(asymml.PrivacyConfigError, match=r"BatchNorm.*asymml\.fix\(model, privacy=True\)"):
+        asymml.split(model, noise=NoiseConfig(sigma=1.0, clip=1.0), executor=ex)
+    model.eval()  # eval-mode BatchNorm uses running statistics: accepted
+    sm = asymml.split(model, noise=NoiseConfig(sigma=1.0, clip=1.0), executor=ex)
+    model.train()  # and switching back to training is refused at the next forward, before any release
+    with pytest.raises(asymml.PrivacyConfigError):
+        sm(torch.rand(2, 3, 32, 32))
+    assert len(ex.ledger) == 0
+
+
+def test_noised_power_starts_are_secret_and_fresh() -> None:
+    """With noise on, the power iteration's random starts are drawn from OS entropy for every call, not by
+    batch position from the publicly seeded stream (which would make a sample's release depend on which
+    other samples are in the batch), and warm starts are off; without noise the seeded stream is used."""
+    model = asymml.fix(get_model("resnet20", num_classes=10), privacy=True)
+    noised = asymml.split(model, noise=NoiseConfig(sigma=1.0, clip=1.0))
+    a, b = noised._starts(), noised._starts()
+    assert a is not noised._gen and a.initial_seed() != b.initial_seed()
+    assert not noised._warm_starts
+    plain = asymml.split(model)
+    assert plain._starts() is plain._gen and plain._warm_starts

@@ -71,7 +71,7 @@ def check_independent(
     *,
     basis: str = "sample",
     warm_start: bool = False,
-    training: bool = True,
+    training: bool | None = True,
     decomposition: str = "power",
     rank: Any = None,
     clip: float | str | None = None,
