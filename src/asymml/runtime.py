@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from .decomposition import RankPolicy, decompose
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .executors.base import BackwardRequest, Executor
 from .planner import ConvShape, Planner
 from .profiling import EPC_DEFAULT_BYTES, LayerProfile, Profile, TrustedMemoryMeter
@@ -361,6 +361,29 @@ class SplitModule(nn.Module):
             p = build_plan(self._gm, strict=self.cfg.strict)
             self._plans[sig] = p
         return p
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue bit-for-bit: the decomposition's random-start generator and
+        the warm-start bases (kept only without noise). Never noise state: the mechanism's key stays in
+        memory and a resumed run draws fresh noise. The bases derive from private data: keep checkpoints
+        where the inputs are kept (at level 2, Gramine's encrypted mount)."""
+        return {"version": 1, "gen": self._gen.get_state(),
+                "warm": {k: v.detach().cpu().clone() for k, v in self._warm.items()}}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore :meth:`get_extra_state`; refuses (``CheckpointError``) anything else."""
+        ok = (isinstance(state, dict) and state.get("version") == 1 and isinstance(state.get("gen"), Tensor)
+              and isinstance(state.get("warm"), dict)
+              and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state["warm"].items()))
+        if not ok:
+            raise CheckpointError("the split model's saved state is not one this asymml wrote (expected the "
+                                  "decomposition generator and warm-start bases); the checkpoint is corrupt")
+        try:
+            self._gen.set_state(state["gen"])
+        except RuntimeError as e:
+            raise CheckpointError(f"the split model's saved generator state is invalid: {e}") from None
+        self._warm.clear()
+        self._warm.update(state["warm"])
 
     def release_stats(self) -> dict[str, dict[str, Any]]:
         """Per decomposition point of the last forward: ``rank`` and per-sample ``energy_ratio``

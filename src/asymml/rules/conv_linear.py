@@ -26,11 +26,12 @@ def _conv_geom(m: nn.Conv2d) -> dict[str, Any]:
 
 
 def _im2col(maps: Tensor, k: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int] = (1, 1),
-            dilation: tuple[int, int] = (1, 1)) -> Tensor:
+            dilation: tuple[int, int] = (1, 1), ones_row: bool = False) -> Tensor:
     """``F.unfold`` of the few maps of a low-rank factor, as one strided copy of a padded view.
 
     Same layout as ``F.unfold`` (``B × r·kh·kw × Ho·Wo``); measured 4× faster than ``aten::im2col``
-    at VGG shapes, which walks the kernel positions one by one."""
+    at VGG shapes, which walks the kernel positions one by one. ``ones_row`` appends a row of ones, so
+    that a bias row appended to the weight matrix adds the bias inside the GEMM (no pass of its own)."""
     B, r, H, W = maps.shape
     ph, pw = padding
     Ho = (H + 2 * ph - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
@@ -39,7 +40,12 @@ def _im2col(maps: Tensor, k: tuple[int, int], padding: tuple[int, int], stride: 
     sB, sr, sH, sW = P.stride()
     win = P.as_strided((B, r, k[0], k[1], Ho, Wo),
                        (sB, sr, sH * dilation[0], sW * dilation[1], sH * stride[0], sW * stride[1]))
-    return win.reshape(B, r * k[0] * k[1], Ho * Wo)
+    rows = r * k[0] * k[1]
+    cols = torch.empty((B, rows + int(ones_row), Ho * Wo), dtype=maps.dtype)
+    cols[:, :rows].view(B, r, k[0], k[1], Ho, Wo).copy_(win)
+    if ones_row:
+        cols[:, rows].fill_(1.0)
+    return cols
 
 
 @register_split_rule(nn.Conv2d)
@@ -115,16 +121,16 @@ class Conv2dRule(WeightedRule):
         kk = k[0] * k[1]
         C = U.shape[1]
         # one GEMM (k²·O × C)·(C × B·r) for the whole batch: far faster than B skinny ones
-        Wf = torch.mm(self._weight_cache(m, "kkoc"), U.transpose(0, 1).reshape(C, B * r))  # k²·O × B·r
-        Wf = Wf.view(kk, O, B, r).permute(2, 3, 0, 1).reshape(B, r * kk, O)
-        cols = _im2col(t.Vmaps, k, m.padding, m.stride, m.dilation)
+        fold = torch.mm(self._weight_cache(m, "kkoc"), U.transpose(0, 1).reshape(C, B * r))  # k²·O × B·r
+        bias = m.bias is not None
+        Wf = torch.empty((B, r * kk + int(bias), O), dtype=fold.dtype)
+        Wf[:, : r * kk].view(B, r, kk, O).copy_(fold.view(kk, O, B, r).permute(2, 3, 0, 1))
+        if bias:
+            Wf[:, r * kk] = m.bias.detach()
+        cols = _im2col(t.Vmaps, k, m.padding, m.stride, m.dilation, ones_row=bias)
         # written straight into a fresh channels-last tensor (not a view), so the merge can add in place
         y = torch.empty((B, O, ho, wo), dtype=Wf.dtype, memory_format=torch.channels_last)
-        yv = y.permute(0, 2, 3, 1).view(B, ho * wo, O)
-        if m.bias is not None:
-            torch.baddbmm(m.bias.view(1, 1, O).expand(B, ho * wo, O), cols.transpose(1, 2), Wf, out=yv)
-        else:
-            torch.bmm(cols.transpose(1, 2), Wf, out=yv)
+        torch.bmm(cols.transpose(1, 2), Wf, out=y.permute(0, 2, 3, 1).view(B, ho * wo, O))
         return y
 
     @staticmethod
