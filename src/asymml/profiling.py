@@ -238,6 +238,7 @@ class Profile:
     epc_bytes: int
     released_bytes: dict[str, int]
     blocked_s: float
+    counted: bool = True  # FLOPs and trusted memory were counted (sm.set_profiling(True) before the run)
 
     @property
     def total(self) -> dict[str, float]:
@@ -262,6 +263,7 @@ class Profile:
             "within_epc": None if self.trusted_peak_bytes is None else self.trusted_peak_bytes <= self.epc_bytes,
             "released_bytes": self.released_bytes,
             "blocked_s": self.blocked_s,
+            "counted": self.counted,
         }
 
     def __getitem__(self, k: str) -> Any:  # dict-style access for convenience
@@ -282,6 +284,9 @@ class Profile:
                     f"{t['trusted_flops'] / 1e6:.1f} | {t['accelerator_flops'] / 1e6:.1f} |")
         if self.trusted_peak_bytes is not None:
             rows.append(f"\ntrusted peak {self.trusted_peak_bytes / 2**20:.1f} MiB of EPC {self.epc_bytes / 2**20:.0f} MiB")
+        if not self.counted:
+            rows.append("\nFLOPs and trusted peak memory were not counted: call sm.set_profiling(True) before the "
+                        "run (it adds counting overhead, so timings are best taken without it)")
         return "\n".join(rows)
 
     def __str__(self) -> str:

@@ -419,7 +419,7 @@ class SplitModule(nn.Module):
                 layers.append(LayerProfile(name, "accelerator", {}, {k[:-2]: v for k, v in a.items() if k.endswith("_s")},
                                            0, int(sum(v for k, v in a.items() if k.endswith("_flops")))))
         return Profile(layers, None if self._meter is None else self._meter.peak, self.cfg.epc_bytes,
-                       dict(self.executor.ledger.bytes_by_kind), self._blocked)
+                       dict(self.executor.ledger.bytes_by_kind), self._blocked, counted=self._meter is not None)
 
     # ------------------------------------------------------------------ internals
     def _layer(self, name: str, kind: str) -> LayerProfile:
@@ -502,6 +502,7 @@ class SplitModule(nn.Module):
         r = min(r, C, N)
         if 0 < r < min(C, N) and cfg.mode == "asym" and not self._split_pays(reg, v, x, r):
             r = min(C, N)  # splitting would cost more trusted time than it saves: run it trusted
+            self._layer(reg.name, "split").kind = "trusted (planner)"
         t0 = time.perf_counter()
         if r >= min(C, N):
             tp, h = x, None
