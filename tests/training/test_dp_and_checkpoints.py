@@ -157,8 +157,8 @@ def test_accounted_run_covers_updates_and_trains(tmp_path: Path) -> None:
     assert main(["eval", str(tmp_path), "--json", "--no-progress", "--limit-test", "20"]) == 0  # GroupNorm model
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     # never noise state in a checkpoint: only the decomposition generator and warm-start cache
-    assert set(ckpt["split"]) <= {"_gen", "_warm", "extra_state"}, set(ckpt["split"])
-    assert not any("noise" in str(k).lower() for k in ckpt["split"].get("extra_state", {}) or {})
+    assert set(ckpt["split"]) == {"extra_state"}, set(ckpt["split"])
+    assert not any("noise" in str(k).lower() for k in ckpt["split"]["extra_state"])
 
 
 def test_noise_seed_is_marked_insecure_and_gives_no_epsilon(tmp_path: Path) -> None:
@@ -320,20 +320,13 @@ def test_config_file_sets_the_new_options(tmp_path: Path) -> None:
 
 
 def test_training_reaches_no_private_members_of_the_runtime() -> None:
-    """Issue 8 item 3: state goes through public interfaces; the only exception (until the runtime has
-    get_extra_state) is isolated in checkpoint._legacy_*, and never touches noise state or the pool."""
+    """Issue 8 item 3: state goes through public interfaces (SplitModule.get_extra_state, the mechanism's
+    state_dict, executor.synchronize), never the runtime's or the executor's private members."""
     import re
 
     import asymml.training as training
 
-    root = Path(training.__file__).parent
-    never = re.compile(r"\._(noise_gen|pool|counts|clip_state|norms|multipliers|rng)\b")
-    legacy = re.compile(r"\b(_gen|_warm)\b")
-    for f in root.glob("*.py"):
-        text = f.read_text()
-        assert not never.search(text), (f.name, never.search(text))
-        if f.name != "checkpoint.py":
-            assert not legacy.search(text), (f.name, legacy.search(text))
-    text = (root / "checkpoint.py").read_text()
-    outside = text[:text.index("def _legacy_split_state")]
-    assert not re.search(r"\b(_gen|_warm)\b", outside.replace('"_gen"', "").replace('"_warm"', ""))
+    never = re.compile(r"\._(gen|warm|noise_gen|pool|counts|clip_state|norms|multipliers|rng)\b")
+    for f in Path(training.__file__).parent.glob("*.py"):
+        match = never.search(f.read_text())
+        assert match is None, (f.name, match)

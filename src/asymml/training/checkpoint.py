@@ -186,49 +186,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ split module state
 
 
-def _has_extra_state(sm: Any) -> bool:
-    import torch.nn as nn
-
-    return type(sm).get_extra_state is not nn.Module.get_extra_state
-
-
 def split_state(sm: Any) -> dict[str, Any]:
-    """The split module's own state: decomposition generator and warm-start cache (never noise state).
-
-    Through ``SplitModule.get_extra_state`` when the runtime provides it; else :func:`_legacy_split_state`.
-    """
-    if _has_extra_state(sm):
-        return {"extra_state": sm.get_extra_state()}
-    return _legacy_split_state(sm)
+    """The split module's own state through its public interface (``SplitModule.get_extra_state``:
+    decomposition generator and warm-start cache, never noise state)."""
+    return {"extra_state": sm.get_extra_state()}
 
 
 def load_split_state(sm: Any, state: dict[str, Any]) -> None:
     """Undo :func:`split_state` (a checkpoint without split state leaves ``sm`` as it is)."""
-    if "extra_state" in state and _has_extra_state(sm):
+    if "extra_state" in state:
         sm.set_extra_state(state["extra_state"])
-    elif "extra_state" not in state:
-        _legacy_load_split_state(sm, state)
-
-
-# TODO(lead): delete these two once SplitModule.get_extra_state/set_extra_state land in runtime.py; they are
-# the only place in training/ that touches SplitModule's private members (decomposition generator and
-# warm-start cache only: the noise generator and the mechanism's counters are never saved).
-def _legacy_split_state(sm: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    gen = getattr(sm, "_gen", None)
-    if isinstance(gen, torch.Generator):
-        state["_gen"] = gen.get_state()
-    warm = getattr(sm, "_warm", None)
-    if isinstance(warm, dict):
-        state["_warm"] = {k: v.detach().cpu().clone() for k, v in warm.items()}
-    return state
-
-
-def _legacy_load_split_state(sm: Any, state: dict[str, Any]) -> None:
-    gen = getattr(sm, "_gen", None)
-    if "_gen" in state and isinstance(gen, torch.Generator):
-        gen.set_state(state["_gen"])
-    warm = getattr(sm, "_warm", None)
-    if "_warm" in state and isinstance(warm, dict):
-        warm.clear()
-        warm.update(state["_warm"])
