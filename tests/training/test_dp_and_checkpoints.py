@@ -195,6 +195,20 @@ def test_lost_accelerator_names_the_mid_epoch_checkpoint_and_resume_is_bit_exact
     assert summary["test_accuracy"] == ref["test_accuracy"]
 
 
+def test_a_rejected_result_names_the_checkpoint_too(tmp_path: Path) -> None:
+    from asymml.errors import IntegrityError
+
+    def tamper(trainer: Trainer, info: dict[str, Any]) -> None:
+        def wrong(*a: Any, **k: Any) -> Any:
+            raise IntegrityError("accelerator result for layer 'x' failed verification")
+
+        trainer.sm.executor.forward = wrong
+
+    with pytest.raises(IntegrityError, match="rejected a result of the accelerator cpu at epoch 1, step 2") as e:
+        _run(tmp_path, tamper, epochs=1, limit_train=32)
+    assert f"asymml train --resume {tmp_path}" in str(e.value) and "failed verification" in str(e.value)
+
+
 def test_checkpoints_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = TrainConfig(**{**TINY, "out": str(tmp_path), "checkpoint_every_minutes": 1.0})
     t = Trainer(cfg, echo=lambda s: None)

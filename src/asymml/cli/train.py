@@ -12,9 +12,13 @@ EPILOG = """examples:
   asymml train                                    # vgg11_bn (width 0.25) on digits, asym mode, CPU
   asymml train --mode plain --epochs 5            # the same network, all on the accelerator
   asymml train --model resnet20 --dataset cifar10 --data-dir ~/data --device cuda --rank adaptive:0.1
-  asymml train --epsilon 8 --clip 1.0             # noised residuals, sigma solved for epsilon=8
-  asymml train --out runs/a ... ; asymml train --resume runs/a   # continue a stopped run
-outputs in OUT: summary.json, curves.png, checkpoint.pt, model.pt (a plain state_dict), tensorboard/"""
+  asymml train --epsilon 8                        # accounted: noised releases + DP-SGD on updates, one epsilon
+  asymml train --device tcp://10.0.0.2:7777 --tls-cert c.pem --tls-key c.key --tls-ca ca.pem
+  asymml train --out runs/a ... ; asymml train --resume runs/a   # continue a stopped or crashed run
+checkpoints: at every epoch end, every --checkpoint-every-minutes (default 2) and --checkpoint-every-steps,
+and on Ctrl-C; a lost accelerator ends with the exact --resume command.
+outputs in OUT: summary.json (with "privacy": epsilon, delta, covers, notes), curves.png, checkpoint.pt,
+model.pt (a plain state_dict), tensorboard/"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

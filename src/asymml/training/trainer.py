@@ -26,7 +26,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import AcceleratorConnectionError, CheckpointError, ConfigError, RemoteError, TrainingDivergedError
+from ..errors import (
+    AcceleratorConnectionError,
+    CheckpointError,
+    ConfigError,
+    IntegrityError,
+    RemoteError,
+    TrainingDivergedError,
+)
 from .batches import Batches, PoissonBatches
 from .builders import accelerator_name, build_model, build_split, default_out_dir, lr_factor, noise_config
 from .checkpoint import (
@@ -468,6 +475,9 @@ class Trainer:
         except (AcceleratorConnectionError, RemoteError) as e:
             self._close_quietly()
             raise AcceleratorConnectionError(self._lost_message(e)) from None
+        except IntegrityError as e:  # a wrong result: this step is discarded, the checkpoint is from before
+            self._close_quietly()
+            raise IntegrityError(self._lost_message(e, "rejected a result of")) from None
         if status == "interrupted":
             path = self.save()
             self.echo(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}: checkpoint saved to "
@@ -571,11 +581,11 @@ class Trainer:
         """The exact command that continues this run."""
         return f"asymml train --resume {shlex.quote(str(self.out))}"
 
-    def _lost_message(self, e: BaseException) -> str:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    def _lost_message(self, e: BaseException, what: str = "lost") -> str:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         ck = self.last_checkpoint
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
-        msg = f"lost the accelerator {self.accelerator} at {where} ({first})."
+        msg = f"{what} the accelerator {self.accelerator} at {where} ({first})."
         if ck is not None:
             lost = self.global_step - ck["global_step"]
             msg += (f" The last checkpoint is {ck['path']} (epoch {ck['epoch'] + 1}, step {ck['step_in_epoch']}; "
