@@ -176,6 +176,24 @@ def test_ledger_identical_to_local(unix_server):
     assert len(w_remote) == len(set(w_remote))
 
 
+def test_eval_after_training_sees_new_running_statistics(unix_server):
+    """Train-mode BatchNorm updates its running statistics in place without bumping their version: the
+    next eval forward must still reach the server with the new values (verified, and equal to unsplit)."""
+    m = _model(True)
+    ref = copy.deepcopy(m)
+    with RemoteExecutor(unix_server.address) as ex:
+        assert ex.verify
+        sm = asymml.split(m, executor=ex, placement="split")
+        for _ in range(2):
+            for model in (sm, ref):  # a train-mode forward moves the running statistics
+                model.train()
+                with torch.no_grad():
+                    model(_x(4))
+                model.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(sm(_x()), ref(_x()), rtol=1e-4, atol=1e-5)
+
+
 def test_repeated_eval_forwards_and_profile(unix_server):
     """Eval-mode BatchNorm scales are fresh tensors every forward; each must reach the server with its value."""
     m = _model(False)

@@ -201,10 +201,13 @@ def infer_shapes(
     env: dict[str, Tensor | None] = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in inputs.items()}
     ps = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in params.items()}
     for ins in program:
+        args = [env.get(a) for a in ins.args]
+        if ins.op not in ("add", "sub") and args and args[0] is None:
+            env[ins.out] = None  # an op on an all-zero residual (its input was not released): not run,
+            continue  # so its parameters are not sent either
         missing = [p for p in ins.params if p not in ps]
         if missing:
             raise ProgramError(f"{ins.out}: unknown parameter(s) {missing}")
-        args = [env.get(a) for a in ins.args]
         if args and args[0] is not None:
             _check_geometry(ins, args[0], [ps[p] for p in ins.params])
         try:

@@ -35,9 +35,14 @@ class BatchNormEvalRule(SplitRule):
         return {k: v for k, v in (("weight", m.weight), ("bias", m.bias)) if v is not None}
 
     def accel_params(self, b: Bound) -> dict[str, Tensor]:
-        """The public running variance and affine weight; the accelerator forms the scale itself."""
+        """The running variance and affine weight; the accelerator forms the scale itself.
+
+        The running variance is sent as a fresh snapshot on every call: train-mode BatchNorm updates it in
+        place *without* bumping its version counter, so an executor that caches weights by version (the
+        remote client) would otherwise keep serving the statistics of an earlier epoch (caught by result
+        verification), and the ledger would not record the new values."""
         m = b.module
-        p = {"running_var": m.running_var}
+        p = {"running_var": m.running_var.detach().clone()}
         if m.weight is not None:
             p["weight"] = m.weight
         return p
