@@ -72,6 +72,12 @@ def compare_with_reference(model, x, *, seed: int = 1, **split_kwargs):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
+    return rel_err(out, out_ref), grad_error(model, ref), sm, ref
+
+
+def grad_error(model, ref) -> float:
+    """Worst relative parameter-gradient error of ``model`` against ``ref`` (floor: 1% of the global
+    gradient norm, see :func:`compare_with_reference`)."""
     ref_grads = [q.grad for q in ref.parameters() if q.grad is not None]
     global_norm = float(torch.sqrt(sum((q.double() ** 2).sum() for q in ref_grads)))
     worst = 0.0
@@ -81,7 +87,7 @@ def compare_with_reference(model, x, *, seed: int = 1, **split_kwargs):
             continue
         assert p.grad is not None, f"{n}: gradient missing"
         worst = max(worst, rel_err(p.grad, q.grad, 1e-2 * global_norm))
-    return rel_err(out, out_ref), worst, sm, ref
+    return worst
 
 
 @pytest.fixture
@@ -118,7 +124,4 @@ def roundoff_sensitivity(model, x, *, rel: float = 3e-7, seed: int = 1) -> float
     w = torch.randn(a.shape, generator=torch.Generator().manual_seed(7), dtype=a.dtype)
     (a * w).sum().backward()
     (b * w).sum().backward()
-    grads = [q.grad for q in ref.parameters() if q.grad is not None]
-    global_norm = float(torch.sqrt(sum((q.double() ** 2).sum() for q in grads)))
-    return max(rel_err(p.grad, q.grad, 1e-2 * global_norm)
-               for p, q in zip(pert.parameters(), ref.parameters()) if q.grad is not None)
+    return grad_error(pert, ref)

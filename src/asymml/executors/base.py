@@ -46,17 +46,27 @@ class Executor(ABC):
     device: torch.device
 
     # -- result verification (see asymml.executors.verify)
+    #: executors that check their results with a :class:`~asymml.executors.verify.Verifier` set this
+    can_verify: bool = False
+    verifier: Any = None
+
     @property
     def verify(self) -> bool:
-        """Whether every accelerator result is checked before use (executors that can verify override this)."""
-        return False
+        """Whether every accelerator result is checked before use."""
+        return self.verifier is not None
 
     @verify.setter
     def verify(self, on: bool) -> None:
-        if on:
+        if on and not self.can_verify:
             from ..errors import ConfigError
 
             raise ConfigError(f"{type(self).__name__} cannot verify accelerator results")
+        if on and self.verifier is None:
+            from .verify import Verifier
+
+            self.verifier = Verifier(device_type=self.device.type)
+        elif not on:
+            self.verifier = None
 
     # -- data that derives from private data
     @abstractmethod

@@ -39,6 +39,8 @@ class _State:
 class LocalExecutor(Executor):
     """Accelerator = ``device`` in this process (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``)."""
 
+    can_verify = True
+
     def __init__(self, device: str | torch.device = "cpu", *, audit: bool = False, verify: bool = False) -> None:
         if isinstance(device, str) and device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,18 +67,6 @@ class LocalExecutor(Executor):
         self.verify = verify
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def verify(self) -> bool:
-        """Check every result (see :mod:`asymml.executors.verify`); off by default in-process."""
-        return self.verifier is not None
-
-    @verify.setter
-    def verify(self, on: bool) -> None:
-        if on and self.verifier is None:
-            self.verifier = Verifier(device_type=self.device.type)
-        elif not on:
-            self.verifier = None
-
     def forget_weight(self, t: Tensor) -> None:
         """Drop the cached device copy of weight ``t`` (a caller that frees the tensor may call this so a
         later tensor reusing its ``id`` is never mistaken for it)."""

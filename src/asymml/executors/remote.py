@@ -123,6 +123,8 @@ class RemoteExecutor(Executor):
             and closes the connection.
     """
 
+    can_verify = True
+
     def __init__(self, address: str, *, audit: bool = False, timeout: float | None = 300.0,
                  connect_timeout: float = 10.0, tls_cert: str | None = None, tls_key: str | None = None,
                  tls_ca: str | None = None, insecure: bool = False, verify: bool = True) -> None:
@@ -203,17 +205,6 @@ class RemoteExecutor(Executor):
     def audit(self, on: bool) -> None:
         self.ledger.audit = on
 
-    @property
-    def verify(self) -> bool:
-        """Whether every result is verified (see :mod:`asymml.executors.verify`)."""
-        return self.verifier is not None
-
-    @verify.setter
-    def verify(self, on: bool) -> None:
-        if on and self.verifier is None:
-            self.verifier = Verifier(device_type=self.device.type)
-        elif not on:
-            self.verifier = None
 
     def _check(self) -> None:
         if self._closed is not None:
