@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .decomposition import RankPolicy, decompose
+from .decomposition import AdaptiveRank, RankPolicy, decompose
 from .errors import CheckpointError, InputError
 from .executors.base import BackwardRequest, Executor
 from .planner import ConvShape, Planner
@@ -73,6 +73,7 @@ class _ForwardCtx:
         self.points = 0
         self.handles: list[Any] = []
         self.grad_on = False
+        self.planned: dict[tuple[int, int], int] = {}  # ranks decided before a region ran
 
 
 class _RegionCall:
@@ -340,6 +341,7 @@ class SplitModule(nn.Module):
         self._release_stats: dict[str, dict[str, Any]] = {}
         self._first_conv_in = self._find_first_conv_channels(model)
         self.planner = Planner(cfg.placement)
+        self._all_trusted: set[tuple] = set()  # (modes, shape, grad, threads) where no layer was split
         #: When set, the accelerator's share of each parameter gradient (``R̃⋆δ_R``, computed only from
         #: released tensors, hence post-processing) is handed to ``sink(param, grad)`` instead of being
         #: added to ``param.grad``; ``param.grad`` then holds only the trusted share, which DP-SGD on
@@ -491,18 +493,9 @@ class SplitModule(nn.Module):
         N = H * W
         is_input = v.op == "placeholder"
         layer = reg.name if not is_input else "input"
-        if cfg.mode == "noise-only":
-            r = 0
-        elif is_input and cfg.input_rank is not None:
-            r = cfg.input_rank
-        else:
-            r = cfg.rank.rank_for(ctx.points, x.reshape(B, C, N), shared=cfg.basis == "batch")
-        if not is_input:
-            ctx.points += 1
-        r = min(r, C, N)
-        if 0 < r < min(C, N) and cfg.mode == "asym" and not self._split_pays(reg, v, x, r):
-            r = min(C, N)  # splitting would cost more trusted time than it saves: run it trusted
-            self._layer(reg.name, "split").kind = "trusted (planner)"
+        r = ctx.planned.pop(key, None)
+        if r is None:
+            r = self._plan_rank(x, reg, v)
         t0 = time.perf_counter()
         if r >= min(C, N):
             tp, h = x, None
@@ -558,6 +551,63 @@ class SplitModule(nn.Module):
         cfg = self.cfg
         check_independent(self.model, basis=cfg.basis, warm_start=self._warm_starts, training=None,
                           decomposition=cfg.decomposition, rank=cfg.rank)
+
+    def _plan_rank(self, x: Tensor, reg: Region, v: fx.Node) -> int:
+        """The rank at which activation ``x`` (read by region ``reg`` as ``v``) is split: the rank policy's,
+        clamped to ``min(C, HW)``, or full (nothing released) where the planner says splitting would not
+        save trusted time. Advances the policy's decomposition-point counter."""
+        cfg, ctx = self.cfg, self._fctx
+        B, C, H, W = x.shape
+        N = H * W
+        is_input = v.op == "placeholder"
+        if cfg.mode == "noise-only":
+            r = 0
+        elif is_input and cfg.input_rank is not None:
+            r = cfg.input_rank
+        else:
+            r = cfg.rank.rank_for(ctx.points, x.reshape(B, C, N), shared=cfg.basis == "batch")
+        if not is_input:
+            ctx.points += 1
+        r = min(r, C, N)
+        if 0 < r < min(C, N) and cfg.mode == "asym" and not self._split_pays(reg, v, x, r):
+            r = min(C, N)  # splitting would cost more trusted time than it saves: run it trusted
+            self._layer(reg.name, "split").kind = "trusted (planner)"
+        return r
+
+    def _runs_natively(self, reg: Region, env: dict[fx.Node, Any]) -> bool:
+        """True when no input of ``reg`` will be split (full rank or kept trusted by the planner): the
+        region then runs as plain PyTorch ops with native autograd — no custom autograd function, no
+        low-rank bookkeeping — so a layer kept trusted costs what it costs in ``trusted-only`` mode."""
+        if self.cfg.mode != "asym":
+            return False
+        ctx = self._fctx
+        todo = []
+        for v in reg.inputs:
+            x = env[v]
+            if v not in reg.decompose or not isinstance(x, Tensor) or x.dim() != 4:
+                continue
+            key = (id(x), x._version)
+            hit = ctx.cache.get(key)
+            if hit is not None and hit[0] is x:
+                if hit[2] is not None:
+                    return False  # already released for another region
+                continue
+            r = ctx.planned.get(key)
+            if r is None:
+                r = ctx.planned[key] = self._plan_rank(x, reg, v)
+            B, C, H, W = x.shape
+            if r < min(C, H * W):
+                return False
+            todo.append((key, x, v, r))
+        for key, x, v, r in todo:
+            del ctx.planned[key]
+            ctx.cache[key] = (x, x, None, r)
+            layer = reg.name if v.op != "placeholder" else "input"
+            self._release_stats[layer] = {"rank": r, "energy_ratio": torch.zeros(x.shape[0])}
+        lp = self._layers.get(reg.name)
+        if lp is not None and lp.kind == "split":
+            lp.kind = "trusted"
+        return True
 
     def _split_pays(self, reg: Region, v: fx.Node, x: Tensor, r: int) -> bool:
         """Ask the cost-aware planner whether splitting the convolutions that read ``x`` saves time."""
@@ -625,7 +675,8 @@ class SplitModule(nn.Module):
             # the trusted side works channels-last: oneDNN's convolutions, pooling and the per-sample
             # pixel × channel matrices of the decomposition are all fastest in that layout
             x = x.contiguous(memory_format=torch.channels_last)
-        if mode == "trusted-only":
+        if mode == "trusted-only" or self._all_trusted_key(x) in self._all_trusted:
+            # (asym: the planner kept every layer trusted for this input shape — run the model as is)
             t0 = time.perf_counter()
             meter = self._meter if self._profiling else None
             with self._counting(self._layer("model", "trusted"), "trusted_flops"), (meter or nullcontext()):
@@ -647,10 +698,15 @@ class SplitModule(nn.Module):
         meter = self._meter if self._profiling else None
         if meter is not None:
             meter.add(x)
+        split_any = False
         try:
             with meter if meter is not None else nullcontext():
                 for unit in plan.units:
-                    if isinstance(unit, Region):
+                    if isinstance(unit, Region) and self._runs_natively(unit, env):
+                        for n in unit.nodes:
+                            env[n] = self._run_trusted(n, plan, env, x)
+                    elif isinstance(unit, Region):
+                        split_any = True
                         ins = [env[v] for v in unit.inputs]
                         params = [p for _, _, p in self._region_params(unit)]
                         keep = grad_on and (any(t.requires_grad for t in ins) or any(p.requires_grad for p in params))
@@ -665,8 +721,17 @@ class SplitModule(nn.Module):
             discard = getattr(self.executor, "discard", None)
             if discard is not None and ctx is not None:
                 discard(ctx.handles)
+        if not split_any and self.cfg.mode == "asym" and not isinstance(self.cfg.rank, AdaptiveRank):
+            self._all_trusted.add(self._all_trusted_key(x))  # the planner's choice is fixed for this shape
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         return fx.node.map_arg(out_node.args[0], lambda n: env[n])
+
+    def _all_trusted_key(self, x: Tensor) -> tuple:
+        """What the planner's choice depends on: module modes, input shape, autograd, threads."""
+        if self._gm is None:
+            return ()
+        return (tuple(m.training for m in self._gm.modules()), tuple(x.shape), torch.is_grad_enabled(),
+                torch.get_num_threads())
 
     def _run_trusted(self, n: fx.Node, plan: Plan, env: dict[fx.Node, Any], x: Tensor) -> Any:
         if n.op == "placeholder":

@@ -49,7 +49,9 @@ from .. import split
 from ..errors import ConfigError
 from ..executors.base import Handle
 from ..executors.local import LocalExecutor
+from ..privacy.sensitivity import coupling_layers
 from ..profiling import EPC_DEFAULT_BYTES, TrustedMemoryMeter
+from ..validate import fix
 from .derived import DEFAULT_SPEED_RATIO, analytic_fwd_conv_limit, conv_geometry
 from .flops import flop_counter, group_aware_registry
 from .memory import AliasAwareMemoryMeter
@@ -502,6 +504,13 @@ class BenchRunner:
             noise = {"sigma": cfg.noise, "clip": cfg.clip}
         elif mode == "asym" and cfg.asym_sigma is not None:
             noise = {"sigma": cfg.asym_sigma, "clip": cfg.clip}
+        if noise is not None and coupling_layers(m, training=True):
+            # a noised release must depend on one sample only: the noised modes run the same model with
+            # GroupNorm in place of BatchNorm (asymml.fix(privacy=True)), as a noised user run must
+            m = fix(copy.deepcopy(model), privacy=True)
+            msg = "noised modes run with GroupNorm in place of BatchNorm (per-sample sensitivity)"
+            if msg not in self.notes:
+                self.notes.append(msg)
         ex = _BenchExecutor(self.device if mode != "trusted-only" else "cpu", serialize=self.serialize)
         kw: dict[str, Any] = {}
         params = inspect.signature(split).parameters
