@@ -192,3 +192,27 @@ def test_noised_power_starts_are_secret_and_fresh() -> None:
     assert not noised._warm_starts
     plain = asymml.split(model)
     assert plain._starts() is plain._gen and plain._warm_starts
+
+
+def test_updated_weights_and_running_statistics_are_private_derived() -> None:
+    """A weight's first release is its public initial value; released again after an optimizer step it
+    derives from the private batch, and eval-mode BatchNorm statistics always do: the ledger says so."""
+    model = get_model("resnet20", num_classes=10)
+    sm = asymml.split(model, audit=True, rank=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(2, 3, 32, 32)
+    sm(x).sum().backward()
+    first = [r for r in sm.executor.ledger if r.kind == "weight"]
+    assert first and not any(r.private_derived for r in first)
+    opt.step()
+    n = len(sm.executor.ledger)
+    sm(x).sum().backward()
+    again = [r for r in sm.executor.ledger[n:] if r.kind == "weight"]
+    assert again and all(r.private_derived for r in again)
+    model.eval()
+    n = len(sm.executor.ledger)
+    with torch.no_grad():
+        sm(x)
+    stats = [r for r in sm.executor.ledger[n:] if r.kind == "weight" and r.layer.endswith("running_var")]
+    assert stats and all(r.private_derived for r in stats)
+    assert sm.executor.ledger.derived_weight_bytes > 0
