@@ -24,7 +24,10 @@ def _deterministic_machine_model() -> None:
     import tempfile
 
     cache = Path(tempfile.mkdtemp(prefix="asymml-test-cache-"))
-    rates = {"conv_flops": 1e6, "gemm_flops": 1e15, "bandwidth": 1e15}
+    from asymml.planner import CALIBRATION_VERSION
+
+    rates = {"conv_flops": 1e6, "gemm_flops": 1e15, "bandwidth": 1e15, "op_overhead": 0.0,
+             "version": CALIBRATION_VERSION}
     (cache / "calibration.json").write_text(json.dumps({str(t): {**rates, "threads": t} for t in range(1, 257)}))
     os.environ["ASYMML_CACHE"] = str(cache)
 

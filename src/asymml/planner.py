@@ -33,6 +33,9 @@ PLACEMENTS = ("auto", "split", "trusted")
 
 DEFAULT_MARGIN = 0.8
 
+CALIBRATION_VERSION = 2
+"""Cached rates of another version (other fields, other measurements) are measured again."""
+
 
 @dataclass(frozen=True)
 class MachineRates:
@@ -107,15 +110,15 @@ def calibrate(force: bool = False) -> MachineRates:
             table = {}
         entry = table.get(str(threads)) if isinstance(table, dict) else None
         rates = None
-        if not force and isinstance(entry, dict):
+        if not force and isinstance(entry, dict) and entry.get("version") == CALIBRATION_VERSION:
             try:
-                rates = MachineRates(**entry)
+                rates = MachineRates(**{k: v for k, v in entry.items() if k != "version"})
             except TypeError:
                 rates = None
         if rates is None:
             rates = measure_rates()
             table = table if isinstance(table, dict) else {}
-            table[str(threads)] = asdict(rates)
+            table[str(threads)] = {**asdict(rates), "version": CALIBRATION_VERSION}
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
