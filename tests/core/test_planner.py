@@ -1,0 +1,94 @@
+"""The cost-aware placement: its cost model, its calibration cache, and the runtime obeying it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import asymml
+from asymml import planner
+from asymml.models import get_model
+from asymml.planner import ConvShape, MachineRates, Planner, dense_cost, split_cost
+
+# a CPU like this one: dense conv 100 GFLOP/s, GEMM 80 GFLOP/s, 10 GB/s passes, 2 µs per small op
+RATES = MachineRates(conv_flops=100e9, gemm_flops=80e9, bandwidth=10e9, threads=1, op_overhead=2e-6)
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """Install ``RATES`` as this machine's calibration (a private cache directory)."""
+    table = {str(t): {**RATES.__dict__, "threads": t, "version": planner.CALIBRATION_VERSION} for t in range(1, 257)}
+    (tmp_path / "calibration.json").write_text(json.dumps(table))
+    monkeypatch.setenv("ASYMML_CACHE", str(tmp_path))
+    monkeypatch.setattr(planner, "_RATES", {})
+    yield tmp_path
+    planner._RATES.clear()
+
+
+def test_cost_model_keeps_cheap_layers_trusted_and_splits_heavy_ones() -> None:
+    # VGG-16's RGB input conv: 3 channels, nothing to save by splitting
+    rgb = ConvShape(B=8, C=3, O=64, groups=1, kk=9, hw_in=224 * 224, hw_out=224 * 224)
+    assert split_cost(rgb, 1, RATES, training=False) > dense_cost(rgb, RATES, training=False)
+    # a 64→64 conv at 224 px, rank 2: ~1/32 of the FLOPs, bound by memory passes over the activation
+    big = ConvShape(B=8, C=64, O=64, groups=1, kk=9, hw_in=224 * 224, hw_out=224 * 224)
+    assert split_cost(big, 2, RATES, training=False) < 0.5 * dense_cost(big, RATES, training=False)
+    # a tiny layer: the split's fixed per-op costs dominate
+    tiny = ConvShape(B=2, C=16, O=16, groups=1, kk=9, hw_in=8 * 8, hw_out=8 * 8)
+    assert split_cost(tiny, 4, RATES, training=True) > dense_cost(tiny, RATES, training=True)
+
+
+def test_policies() -> None:
+    s = ConvShape(B=2, C=16, O=16, groups=1, kk=9, hw_in=64, hw_out=64)
+    assert Planner("split").split_pays("l", s, 4, training=False, shared=False)
+    assert not Planner("trusted").split_pays("l", s, 4, training=False, shared=False)
+
+
+def test_calibration_is_cached_and_versioned(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ASYMML_CACHE", str(tmp_path))
+    monkeypatch.setattr(planner, "_RATES", {})
+    stale = {str(torch.get_num_threads()): {"conv_flops": 1.0, "gemm_flops": 1.0, "bandwidth": 1.0, "threads": 1}}
+    (tmp_path / "calibration.json").write_text(json.dumps(stale))  # an older format: measured again
+    rates = planner.calibrate()
+    assert rates.conv_flops > 1e6 and rates.op_overhead > 0
+    saved = json.loads((tmp_path / "calibration.json").read_text())[str(torch.get_num_threads())]
+    assert saved["version"] == planner.CALIBRATION_VERSION
+    monkeypatch.setattr(planner, "_RATES", {})
+    assert planner.calibrate() == rates  # read back, not re-measured
+
+
+def test_runtime_keeps_the_input_conv_trusted_and_releases_nothing_for_it(machine) -> None:
+    """VGG-11 at 64 px under the calibrated machine: the 3-channel input conv stays trusted (the raw input
+    is not even decomposed), larger layers are split; the result is exact either way."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11(num_classes=10).eval()
+    sm = asymml.split(model, audit=True)
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        out = sm(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    decisions = sm.planner.decisions()
+    assert decisions["features.0:x"]["split"] is False
+    assert any(d["split"] for d in decisions.values())
+    layers = {r.layer for r in sm.executor.ledger if r.kind != "weight"}
+    assert "input" not in layers and layers  # nothing released for the input; residuals for split layers
+    kinds = {lp.layer: lp.kind for lp in sm.profile().layers}
+    assert kinds["features.0"] in ("trusted (planner)", "trusted")
+
+
+def test_model_with_nothing_worth_splitting_runs_as_trusted_only(machine) -> None:
+    """ResNet-20 at 32 px, batch 2: every layer predicted cheaper dense; asym then runs the model as it is
+    (nothing released) and matches it."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10)
+    sm = asymml.split(model, audit=True)
+    x = torch.rand(2, 3, 32, 32)
+    for _ in range(2):  # the second forward takes the all-trusted fast path
+        out = sm(x)
+        out.sum().backward()
+    assert not [r for r in sm.executor.ledger if r.kind != "weight"]
+    assert not any(d["split"] for d in sm.planner.decisions().values())
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
