@@ -26,7 +26,7 @@ def _deterministic_machine_model() -> None:
     cache = Path(tempfile.mkdtemp(prefix="asymml-test-cache-"))
     from asymml.planner import CALIBRATION_VERSION
 
-    rates = {"conv_flops": 1e6, "gemm_flops": 1e15, "bandwidth": 1e15, "op_overhead": 0.0,
+    rates = {"conv_flops": 1e6, "gemm_flops": 1e15, "bandwidth": 1e15, "op_overhead": 0.0, "pilot": False,
              "version": CALIBRATION_VERSION}
     (cache / "calibration.json").write_text(json.dumps({str(t): {**rates, "threads": t} for t in range(1, 257)}))
     os.environ["ASYMML_CACHE"] = str(cache)

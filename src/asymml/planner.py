@@ -8,6 +8,10 @@ a layer with few input channels (the RGB input), a high rank relative to ``C``, 
 cost *more* split than dense. Such a layer runs fully in the trusted context: faster *and* nothing is
 released for it.
 
+A predicted split is then put on trial: its layer's dense forward is timed once on the real input and its
+first two split forwards are timed; if the better of them was not faster, the layer is kept trusted from
+then on (``Planner.observe``). The model predicts, the measurement decides.
+
 The rates (dense-conv GFLOP/s, GEMM GFLOP/s, memory-pass GB/s) are measured on this machine once per
 torch thread count (well under a second) and cached in ``$ASYMML_CACHE`` (default
 ``~/.cache/asymml``)/``calibration.json``; :func:`calibrate` with ``force=True`` re-measures. The model is
@@ -21,6 +25,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +51,7 @@ class MachineRates:
     bandwidth: float  # bytes/s of an elementwise read-modify-write pass
     threads: int
     op_overhead: float = 0.0  # seconds of dispatch per small eager op (Python + ATen), charged per split op
+    pilot: bool = True  # check each predicted split against measured times in its first forwards
 
     def roof(self, flops: float, nbytes: float, rate: float) -> float:
         return max(flops / rate, nbytes / self.bandwidth)
@@ -190,12 +196,22 @@ def split_cost(s: ConvShape, r: int, rates: MachineRates, training: bool, shared
 class Planner:
     """Decides, per layer and input shape, whether splitting saves trusted time (see module doc)."""
 
+    PILOT_FORWARDS = 2
+    """Forwards of a predicted split that are timed before the decision is confirmed or reversed."""
+
     def __init__(self, policy: str = "auto", margin: float = DEFAULT_MARGIN) -> None:
         self.policy = policy
         self.margin = margin
         self._decisions: dict[tuple, tuple[bool, float, float]] = {}
+        # pilot: region name -> (decision keys, measured dense forward seconds, observed split seconds)
+        self._pilot: dict[str, tuple[list[tuple], float, list[float]]] = {}
+        self._measured: dict[tuple, tuple[float, float]] = {}
 
-    def split_pays(self, key: str, s: ConvShape, r: int, *, training: bool, shared: bool) -> bool:
+    def split_pays(self, key: str, s: ConvShape, r: int, *, training: bool, shared: bool,
+                   dense_timer: Callable[[], float] | None = None) -> bool:
+        """Predicted decision for layer ``key`` (``region:input``). With a ``dense_timer`` (seconds of the
+        layer's dense forward, measured on the real input) a predicted split is put on trial: see
+        :meth:`observe`."""
         if self.policy == "split":
             return True
         if self.policy == "trusted":
@@ -208,11 +224,37 @@ class Planner:
             sp = split_cost(s, r, rates, training, shared)
             hit = (sp < self.margin * d, d, sp)
             self._decisions[k] = hit
+            if hit[0] and rates.pilot and dense_timer is not None:
+                region = key.split(":", 1)[0]
+                keys, dense_s, obs = self._pilot.get(region, ([], 0.0, []))
+                self._pilot[region] = (keys + [k], dense_s + dense_timer(), obs)
         return hit[0]
 
+    def watching(self, region: str) -> bool:
+        return region in self._pilot
+
+    def observe(self, region: str, split_s: float) -> None:
+        """A forward of ``region`` took ``split_s`` trusted seconds split. After :attr:`PILOT_FORWARDS` of
+        them, a region whose best split forward was not faster than its measured dense forward is kept
+        trusted from then on: the calibrated model predicts, the measurement decides."""
+        keys, dense_s, obs = self._pilot[region]
+        obs.append(split_s)
+        if len(obs) < self.PILOT_FORWARDS:
+            return
+        del self._pilot[region]
+        best = min(obs)
+        for k in keys:
+            self._measured[k] = (dense_s, best)
+            if best >= dense_s:
+                _, d, sp = self._decisions[k]
+                self._decisions[k] = (False, d, sp)
+
     def decisions(self) -> dict[str, dict[str, float | bool]]:
-        """The latest decision per layer: ``split``, predicted ``dense_s`` and ``split_s``."""
+        """The latest decision per layer: ``split``, predicted ``dense_s`` and ``split_s``, and where the
+        pilot measured them, ``measured_dense_s`` and ``measured_split_s`` (forward only)."""
         out: dict[str, dict[str, float | bool]] = {}
-        for (key, *_), (ok, d, sp) in self._decisions.items():
-            out[key] = {"split": ok, "dense_s": d, "split_s": sp}
+        for k, (ok, d, sp) in self._decisions.items():
+            out[k[0]] = {"split": ok, "dense_s": d, "split_s": sp}
+            if k in self._measured:
+                out[k[0]]["measured_dense_s"], out[k[0]]["measured_split_s"] = self._measured[k]
         return out

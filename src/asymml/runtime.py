@@ -177,8 +177,11 @@ class _RegionCall:
                 else:
                     out = t + r
                 outs.append(out)
-        prof.trusted_s["forward"] = prof.trusted_s.get("forward", 0.0) + time.perf_counter() - t_start - blocked
+        elapsed = time.perf_counter() - t_start - blocked
+        prof.trusted_s["forward"] = prof.trusted_s.get("forward", 0.0) + elapsed
         sm._blocked += blocked
+        if accel_in and sm.planner.watching(reg.name):
+            sm.planner.observe(reg.name, elapsed)
         return tuple(outs)
 
     # ------------------------------------------------------------------ backward
@@ -623,8 +626,23 @@ class SplitModule(nn.Module):
         if not shapes:
             return True
         training = self._fctx.grad_on if self._fctx is not None else x.requires_grad
+        convs = [reg.bound[n].module for n in reg.nodes
+                 if v in reg.arg_nodes(n) and reg.bound[n].rule.decomposes_input and isinstance(reg.bound[n].module, nn.Conv2d)]
+
+        def dense_timer() -> float:
+            """Seconds of this layer's dense forward on the real input (best of 2): the pilot's yardstick."""
+            best = float("inf")
+            with torch.no_grad():
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    for m in convs:
+                        m._conv_forward(x.detach(), m.weight, m.bias)
+                    best = min(best, time.perf_counter() - t0)
+            return best
+
         return all(self.planner.split_pays(f"{reg.name}:{v.name}", s, r, training=training,
-                                           shared=self.cfg.basis == "batch") for s in shapes)
+                                           shared=self.cfg.basis == "batch", dense_timer=dense_timer)
+                   for s in shapes)
 
     def _overwritable(self, x: Tensor, v: fx.Node) -> bool:
         """May the residual be written over ``x``? Only for a value the runtime made itself (never the

@@ -14,7 +14,7 @@ from asymml.models import get_model
 from asymml.planner import ConvShape, MachineRates, Planner, dense_cost, split_cost
 
 # a CPU like this one: dense conv 100 GFLOP/s, GEMM 80 GFLOP/s, 10 GB/s passes, 2 µs per small op
-RATES = MachineRates(conv_flops=100e9, gemm_flops=80e9, bandwidth=10e9, threads=1, op_overhead=2e-6)
+RATES = MachineRates(conv_flops=100e9, gemm_flops=80e9, bandwidth=10e9, threads=1, op_overhead=2e-6, pilot=False)
 
 
 @pytest.fixture
@@ -92,3 +92,22 @@ def test_model_with_nothing_worth_splitting_runs_as_trusted_only(machine) -> Non
     assert not [r for r in sm.executor.ledger if r.kind != "weight"]
     assert not any(d["split"] for d in sm.planner.decisions().values())
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pilot_keeps_a_layer_trusted_when_the_split_measures_slower() -> None:
+    """The model predicts, the measurement decides: a predicted split whose first forwards are slower than
+    the measured dense layer is kept trusted from then on; a faster one stays split."""
+    fast = MachineRates(conv_flops=1e6, gemm_flops=1e15, bandwidth=1e15, threads=1, op_overhead=0.0, pilot=True)
+    s = ConvShape(B=2, C=16, O=16, groups=1, kk=9, hw_in=64, hw_out=64)
+    for split_s, stays in [(2e-3, False), (5e-4, True)]:
+        p = Planner()
+        planner._RATES[torch.get_num_threads()] = fast
+        try:
+            assert p.split_pays("conv:x", s, 4, training=False, shared=False, dense_timer=lambda: 1e-3)
+            for _ in range(Planner.PILOT_FORWARDS):
+                p.observe("conv", split_s)
+            assert p.split_pays("conv:x", s, 4, training=False, shared=False) is stays
+            d = p.decisions()["conv:x"]
+            assert d["measured_dense_s"] == 1e-3 and d["measured_split_s"] == split_s
+        finally:
+            planner._RATES.clear()
