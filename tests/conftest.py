@@ -68,14 +68,20 @@ def compare_with_reference(model, x, *, seed: int = 1, **split_kwargs):
     # exactness of the *split* is what is tested here
     split_kwargs.setdefault("placement", "split")
     sm = asymml.split(model, **split_kwargs)
-    torch.manual_seed(seed)
-    out = sm(x)
-    torch.manual_seed(seed)
-    out_ref = ref(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
-    (out * g).sum().backward()
-    (out_ref * g).sum().backward()
+    out, out_ref = backprop_pair(sm, ref, x, seed)
     return rel_err(out, out_ref), grad_error(model, ref), sm, ref
+
+
+def backprop_pair(a, b, x, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``a`` and ``b`` on ``x`` from the same RNG state and backprop the same random cotangent."""
+    torch.manual_seed(seed)
+    out_a = a(x)
+    torch.manual_seed(seed)
+    out_b = b(x)
+    g = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(7), dtype=out_a.dtype)
+    (out_a * g).sum().backward()
+    (out_b * g).sum().backward()
+    return out_a, out_b
 
 
 def grad_error(model, ref) -> float:
@@ -120,11 +126,5 @@ def roundoff_sensitivity(model, x, *, rel: float = 3e-7, seed: int = 1) -> float
     for mod in pert.modules():
         if isinstance(mod, torch.nn.Conv2d):
             mod.register_forward_hook(hook)
-    torch.manual_seed(seed)
-    a = pert(x)
-    torch.manual_seed(seed)
-    b = ref(x)
-    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(7), dtype=a.dtype)
-    (a * w).sum().backward()
-    (b * w).sum().backward()
+    backprop_pair(pert, ref, x, seed)
     return grad_error(pert, ref)
