@@ -5,6 +5,15 @@
 * :class:`PoissonBatches`: for accounted (DP) runs, each sample joins each step's batch independently with
   probability ``q`` (the sampling the accountant's amplification assumes), drawn from the trusted secure
   generator so that the accelerator cannot predict batch membership.  Batches may be empty.
+
+Data parallel (``rank`` of ``world`` trusted contexts): ``batch_size`` is per rank, the global batch is
+``world * batch_size``.  Fixed batches: global batch ``i`` is the slice ``i`` of the epoch's one seeded
+permutation (the same on every rank) and rank ``r`` takes its ``r``-th contiguous part, so the union of the
+ranks' batches is exactly the single-process batch of ``world * batch_size`` (DistributedSampler's rule of
+one shared seeded shuffle split between the ranks, per step, which also lets a run resume mid-epoch).
+Poisson batches: rank ``r`` owns the samples ``r, r + world, ...`` and includes each with probability
+``q = world * batch_size / n`` from its own secure generator; inclusions are independent per sample, so the
+union is a Poisson sample of the whole set at rate ``q`` -- the rate the accountant composes.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ class Batches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, workers: int = 0, limit: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
         n = len(dataset)  # type: ignore[arg-type]
         if limit is not None and limit < n:
             gen = torch.Generator().manual_seed((seed + 7919) % _SEED_MOD)
@@ -46,6 +55,8 @@ class Batches:
         self.dataset = dataset
         self.n = n
         self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
         self.workers = workers
         tensors = getattr(dataset, "tensors", None)
         self.tensors = tensors if isinstance(tensors, tuple) and len(tensors) == 2 else None
@@ -60,8 +71,13 @@ class Batches:
         return Subset(dataset, keep.tolist())
 
     @property
+    def global_batch_size(self) -> int:
+        """The batch of one step over all ranks."""
+        return self.batch_size * self.world
+
+    @property
     def steps_per_epoch(self) -> int:
-        return max(1, self.n // self.batch_size)
+        return max(1, self.n // self.global_batch_size)
 
     def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         x0, y0 = self.dataset[0]
@@ -85,39 +101,47 @@ class Batches:
     def train(self, seed: int, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start, start+1, ...`` of training epoch ``epoch``."""
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
-        bs = min(self.batch_size, self.n)
+        bs = min(self.global_batch_size, self.n)
         batches = [perm[i * bs:(i + 1) * bs] for i in range(start, self.steps_per_epoch)]
+        if self.world > 1:
+            part = bs // self.world
+            batches = [b[self.rank * part:(self.rank + 1) * part] for b in batches]
         return self._iterate(batches, mix_seed(seed, epoch * 10_007 + start))
 
-    def ordered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """All samples in order (evaluation)."""
+    def ordered(self, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All samples in order (evaluation); with ``world > 1``, rank ``rank``'s share: batches
+        ``rank, rank + world, ...``."""
         idx = torch.arange(self.n)
-        return self._iterate([idx[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)], 0)
+        batches = [idx[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        return self._iterate(batches[rank::world], 0)
 
 
 class PoissonBatches:
-    """Poisson-sampled training batches over ``base``'s samples: ``steps_per_epoch = round(n / batch_size)``
-    steps per epoch, each sample in each batch with probability ``sample_rate = batch_size / n``.
+    """Poisson-sampled training batches over ``base``'s samples: ``steps_per_epoch = round(n / B)`` steps per
+    epoch, each sample in each batch with probability ``sample_rate = B / n`` (``B``: the global batch size).
 
     ``generator`` provides ``uniform(n, label=..., index=...)`` (the trusted secure generator); step ``t``
-    of the run uses the draw addressed ``("poisson", t)``.
+    of the run uses the draw addressed ``("poisson", t)``.  With ``base.world > 1`` this rank draws for its
+    own samples ``rank, rank + world, ...`` only (see the module's docstring).
     """
 
     def __init__(self, base: Batches, generator: Any) -> None:
         self.base = base
         self.n = base.n
         self.generator = generator
-        self.steps_per_epoch = max(1, round(base.n / base.batch_size))
-        self.sample_rate = min(1.0, base.batch_size / base.n)
+        self.steps_per_epoch = max(1, round(base.n / base.global_batch_size))
+        self.sample_rate = min(1.0, base.global_batch_size / base.n)
+        self.shard = torch.arange(base.rank, base.n, base.world)
 
     @property
     def expected_batch_size(self) -> float:
+        """``q * n``: the expected global batch (what DP-SGD divides the noised sum by)."""
         return self.sample_rate * self.n
 
     def indices(self, global_step: int) -> torch.Tensor:
         """The sorted sample indices of the batch of run step ``global_step``."""
-        u = self.generator.uniform(self.n, label="poisson-batch", index=global_step)
-        return (u < self.sample_rate).nonzero().flatten()
+        u = self.generator.uniform(len(self.shard), label="poisson-batch", index=global_step)
+        return self.shard[(u < self.sample_rate).nonzero().flatten()]
 
     def train(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start, start+1, ...`` of training epoch ``epoch``."""

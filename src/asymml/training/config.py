@@ -37,6 +37,7 @@ BACKWARDS = ("protected", "paper")
 ACCOUNTANTS = ("rdp", "prv")
 NORMS = ("auto", "batch", "group")
 PLACEMENTS = ("auto", "split", "trusted")
+DP_GROUP = "data parallel (torchrun --nproc-per-node N -m asymml train, or asymml train --nproc-per-node N)"
 UPDATE_BUDGET = 0.9
 """Share of an --epsilon run's privacy budget (in 1/sigma^2 per step) given to the DP-SGD updates."""
 DEFAULT_CIFAR_WIDTH = 0.25
@@ -173,11 +174,15 @@ def clip_spec(value: Any) -> str | float:
 
 def device_spec(value: Any) -> str:
     s = text(value).strip()
-    if re.fullmatch(r"(tcp://[^\s/]+:\d+|unix:///\S+)", s):
-        return s  # a remote accelerator server (`asymml serve`)
+    remote = r"(tcp://[^\s/,]+:\d+|unix:///[^\s,]+)"
+    if re.fullmatch(remote, s.replace("{rank}", "0")):
+        return s  # a remote accelerator server (`asymml serve`); {rank}: one per data-parallel rank
+    if "," in s and all(re.fullmatch(remote, d.strip()) for d in s.split(",")):
+        return ",".join(d.strip() for d in s.split(","))  # one accelerator server per rank
     s = s.lower()
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", s):
-        raise ValueError(f"invalid device {_show(value)} (choose from cpu, cuda, cuda:N, auto, tcp://HOST:PORT, unix:///PATH)")
+        raise ValueError(f"invalid device {_show(value)} (choose from cpu, cuda, cuda:N, auto, tcp://HOST:PORT, "
+                         "unix:///PATH; data parallel: a {rank} placeholder or a comma-separated list, one per rank)")
     return s
 
 
@@ -274,8 +279,24 @@ OPTIONS: tuple[Option, ...] = (
        "Freivalds checks (default: on for a remote server, off in-process)", "execution", is_flag=True),
     _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
        metavar="N"),
+    # data parallel (torchrun / --nproc-per-node)
+    _o("dist_timeout", positive_float, 60.0, "data parallel: seconds a collective (the per-step gradient "
+       "all-reduce) may wait for the other ranks before the run stops with an error naming the --resume command",
+       DP_GROUP,
+       metavar="S"),
+    _o("trusted_interconnect", flag, False, "data parallel: allow a rendezvous (MASTER_ADDR) that is not a "
+       "loopback address without TLS, declaring that the network between the trusted contexts is protected "
+       "(VPN, IPsec, WireGuard, private link): the ranks exchange unnoised gradient shares",
+       DP_GROUP,
+       is_flag=True),
+    _o("dist_tls", flag, False, "data parallel: run gloo over TLS (GLOO_DEVICE_TRANSPORT=TCP_TLS; key, certificate "
+       "and CA from GLOO_DEVICE_TRANSPORT_TCP_TLS_PKEY/_CERT/_CA_FILE); needs a PyTorch built with "
+       "USE_GLOO_WITH_OPENSSL=1 (refused otherwise)",
+       DP_GROUP,
+       is_flag=True),
     # optimisation
-    _o("batch_size", positive_int, 64, "training batch size (the last partial batch is dropped)",
+    _o("batch_size", positive_int, 64, "training batch size per rank (the last partial batch is dropped; data "
+       "parallel: the global batch is N times this)",
        "optimisation", metavar="N"),
     _o("test_batch_size", positive_int, 256, "evaluation batch size", "optimisation", metavar="N"),
     _o("epochs", positive_int, 10, "number of epochs", "optimisation", metavar="N"),
@@ -354,6 +375,7 @@ RUNTIME_FIELDS = frozenset({
     "data_dir", "download", "workers", "device", "threads", "test_batch_size", "limit_test", "epochs",
     "out", "resume", "progress", "tensorboard", "log_every", "checkpoint_every_steps",
     "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify",
+    "dist_timeout", "trusted_interconnect", "dist_tls",
 })
 
 
@@ -380,6 +402,9 @@ class TrainConfig:
     insecure: bool = False
     verify: bool | None = None
     threads: int | None = None
+    dist_timeout: float = 60.0
+    trusted_interconnect: bool = False
+    dist_tls: bool = False
     batch_size: int = 64
     test_batch_size: int = 256
     epochs: int = 10

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,8 +18,12 @@ DIVERGED_HINT = ("lower --lr, the noise (--noise/--nsr/--epsilon) or --clip (che
                  "kept)")
 
 
-def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: str = "test") -> dict[str, float]:
-    """Loss and accuracy of ``sm`` over ``batches`` in eval mode (no gradients)."""
+def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: str = "test", rank: int = 0,
+             world: int = 1, reduce: Callable[[Sequence[float]], list[float]] | None = None) -> dict[str, float]:
+    """Loss and accuracy of ``sm`` over ``batches`` in eval mode (no gradients).
+
+    Data parallel: each of the ``world`` ranks evaluates its share of the batches and ``reduce`` (a sum
+    over the ranks) combines the loss sums and counts, so every rank gets the figures of the whole set."""
     from tqdm.auto import tqdm
 
     was_training = sm.training
@@ -30,7 +34,7 @@ def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: s
     try:
         with torch.no_grad(), tqdm(total=batches.n, desc=desc, unit="img", leave=False, disable=not progress,
                                    dynamic_ncols=True) as bar:
-            for x, y in batches.ordered():
+            for x, y in batches.ordered(rank, world):
                 out = sm(x)
                 y = y.to(out.device)
                 loss_sum += float(crit(out, y))
@@ -39,6 +43,9 @@ def evaluate(sm: nn.Module, batches: Batches, *, progress: bool = False, desc: s
                 bar.update(len(y))
     finally:
         sm.train(was_training)
+    if reduce is not None:
+        loss_sum, correct, seen = reduce([loss_sum, correct, seen])
+        correct, seen = int(correct), int(seen)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "samples": seen,
             "seconds": time.perf_counter() - t0}
 

@@ -79,8 +79,13 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     """Loss and accuracy (train and test) per epoch, as a PNG (matplotlib, Agg backend)."""
     if not history:
         return None
+    import logging
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    # font fallbacks are matplotlib's business, not the run's (torchrun's logging setup would print them)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), dpi=100)  # no pyplot: no global state, no display needed

@@ -100,15 +100,17 @@ def _accounting_details(t: Trainer) -> dict[str, Any]:
     return details
 
 
-def build_summary(t: Trainer, status: str) -> dict[str, Any]:
-    """The run summary; writes ``summary.json`` and ``curves.png``."""
+def build_summary(t: Trainer, status: str, *, write: bool = True) -> dict[str, Any]:
+    """The run summary; writes ``summary.json`` and ``curves.png`` (unless ``write`` is false: the ranks
+    other than 0 of a data-parallel run)."""
     cfg, h = t.cfg, t.history
     files = {"checkpoint": t.out / CHECKPOINT_NAME, "summary": t.out / "summary.json"}
     if status == "completed":
         files["model"] = t.out / "model.pt"
     if cfg.tensorboard:
         files["tensorboard"] = t.out / "tensorboard"
-    curves = plot_curves(h, t.out / "curves.png", f"{cfg.model} on {cfg.dataset}, mode {cfg.mode}") if h else None
+    curves = plot_curves(h, t.out / "curves.png", f"{cfg.model} on {cfg.dataset}, mode {cfg.mode}") \
+        if h and write else None
     if curves is not None:
         files["curves"] = curves
     best = max(h, key=lambda e: e["test_accuracy"]) if h else None
@@ -148,6 +150,18 @@ def build_summary(t: Trainer, status: str) -> dict[str, Any]:
         },
         "dataset": {"name": t.data.name, "train_samples": t.train_batches.n, "test_samples": t.test_batches.n,
                     "steps_per_epoch": t.steps_per_epoch},
+        "world_size": t.world,
+        "global_batch_size": (t.poisson.expected_batch_size if t.poisson is not None
+                              else t.train_batches.global_batch_size),
+        "distributed": None if t.dist is None else {
+            **t.dist.describe(), "batch_size_per_rank": cfg.batch_size,
+            "global_batch_size": t.train_batches.global_batch_size,
+            "sampling": ("Poisson: each rank samples its own shard (samples rank::world) at the global rate q"
+                         if t.poisson is not None else "one seeded permutation per epoch; rank r takes part r of "
+                         "each global batch"),
+            "update_noise": "added once, by rank 0, to the sum of the ranks' clipped trusted shares"
+                            if t.dp else None,
+        },
         "accelerator": t.accelerator,
         "releases_per_step": t.releases_by_kind_per_step,
         "epsilon": privacy["epsilon"],
@@ -159,7 +173,8 @@ def build_summary(t: Trainer, status: str) -> dict[str, Any]:
     }
     if t.noise_cfg is not None:
         summary["privacy_accounting"] = _accounting_details(t)
-    write_json(summary, t.out / "summary.json")
+    if write:
+        write_json(summary, t.out / "summary.json")
     return summary
 
 

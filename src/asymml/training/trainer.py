@@ -7,6 +7,12 @@ Everything public-random is seeded from ``--seed``; the data order of an epoch d
 (epoch ends, every ``--checkpoint-every-steps``/``--checkpoint-every-minutes``, Ctrl-C).  Noise and the
 Poisson batches of accounted runs come from the trusted secure generator, which is never saved: a resumed
 noised run draws fresh noise.
+
+Data parallel (``torchrun`` / ``--nproc-per-node``, see :mod:`asymml.training.distributed`): every rank
+builds the same run, trains on its shard of each global batch, and synchronises gradients, buffers and the
+step's figures with one all-reduce before the optimizer step; rank 0 alone writes the outputs.  With
+DP-SGD on updates, rank 0 alone adds the update noise to its partial sum and the ranks' sums are added: the
+aggregated update carries exactly one ``N(0, (sigma C)^2)`` draw, as a single-process run would.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from ..errors import (
     RemoteError,
     TrainingDivergedError,
 )
-from .batches import Batches, PoissonBatches
+from .batches import Batches, PoissonBatches, mix_seed
 from .builders import accelerator_name, build_model, build_split, default_out_dir, lr_factor, noise_config
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -47,6 +53,7 @@ from .checkpoint import (
     split_state,
 )
 from .config import UPDATE_BUDGET, TrainConfig
+from .distributed import DistributedContext, PeerLostError, init_from_env, rank_device
 from .dp import UpdatePrivatizer, trusted_generator
 from .evaluation import DIVERGED_HINT, diverged_guard, evaluate
 from .report import RunLogger
@@ -76,17 +83,35 @@ class Trainer:
     """One training run of ``cfg``; :meth:`fit` trains (or resumes from ``checkpoint``) and reports.
 
     ``callback(trainer, info)`` is called after every optimisation step with ``epoch``, ``step`` (in the
-    epoch), ``global_step``, ``loss`` and ``accuracy`` of the batch.  ``echo`` prints the run's lines.
+    epoch), ``global_step``, ``loss`` and ``accuracy`` of the (global) batch.  ``echo`` prints the run's
+    lines (rank 0 only).  ``dist``: the data-parallel context (default: the one ``torchrun`` describes in the
+    environment, joined here; None for a single process).
     """
 
     def __init__(self, cfg: TrainConfig, *, checkpoint: dict[str, Any] | None = None,
-                 callback: Callback | None = None, echo: Callable[[str], None] | None = None) -> None:
+                 callback: Callback | None = None, echo: Callable[[str], None] | None = None,
+                 dist: DistributedContext | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.dist = dist if dist is not None else init_from_env(
+            timeout_s=cfg.dist_timeout, trusted_interconnect=cfg.trusted_interconnect, tls=cfg.dist_tls)
+        self.rank = self.dist.rank if self.dist is not None else 0
+        self.world = self.dist.world_size if self.dist is not None else 1
+        self.is_main = self.rank == 0
         self.callback = callback
-        self.echo = echo or _echo
-        self.out = Path(cfg.out) if cfg.out is not None else default_out_dir(cfg)
+        self.echo = (echo or _echo) if self.is_main else _silent
+        out = cfg.out if cfg.out is not None else (str(default_out_dir(cfg)) if self.is_main else None)
+        if self.dist is not None:  # one run directory: rank 0's (a default name holds the time)
+            out = self.dist.broadcast_text(out)
+        self.out = Path(str(out))
         cfg.out = str(self.out)
+        if checkpoint is not None and int(checkpoint.get("world_size", 1)) != self.world:
+            old = int(checkpoint.get("world_size", 1))
+            raise ConfigError(
+                f"the checkpoint in {str(self.out)!r} was written by a run over {plural(old, 'rank')}, this run has "
+                f"{self.world}: resume it with the same number (asymml train --nproc-per-node {old} --resume "
+                f"{shlex.quote(str(self.out))}, or torchrun --nproc-per-node {old} -m asymml train --resume ...); "
+                "the data order and the global batch depend on it")
         if checkpoint is None and (self.out / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"{str(self.out)!r} already holds a checkpoint: pass --resume to continue that run, or choose "
@@ -97,6 +122,8 @@ class Trainer:
         self.stop = StopRequests(self.echo)
         self._seed_everything(cfg.seed)
         self._build(checkpoint)
+        if self.dist is not None:  # every rank has checked the run directory before rank 0 writes to it
+            self.dist.barrier("start of the run")
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -114,17 +141,21 @@ class Trainer:
                           seed=cfg.seed)
         self.data = ds
         self.train_batches = Batches(ds.train, cfg.batch_size, workers=cfg.workers, limit=cfg.limit_train,
-                                     seed=cfg.seed)
-        if cfg.batch_size > self.train_batches.n:
+                                     seed=cfg.seed, rank=self.rank, world=self.world)
+        if self.train_batches.global_batch_size > self.train_batches.n:
+            per_rank = f" x {self.world} ranks" if self.world > 1 else ""
             raise ConfigError(
-                f"--batch-size {cfg.batch_size} is larger than the training set ({self.train_batches.n} samples): "
-                f"every epoch would be one step on all of it; use --batch-size {max(1, self.train_batches.n // 8)} "
-                "or less"
+                f"--batch-size {cfg.batch_size}{per_rank} is larger than the training set ({self.train_batches.n} "
+                f"samples): every epoch would be one step on all of it; use --batch-size "
+                f"{max(1, self.train_batches.n // (8 * self.world))} or less"
             )
         self.test_batches = Batches(ds.test, cfg.test_batch_size, workers=cfg.workers, limit=cfg.limit_test,
                                     seed=cfg.seed)
         self.dp = cfg.dp_updates
-        self.generator: Any = trusted_generator(cfg.noise_seed) if self.dp else None
+        noise_seed = cfg.noise_seed  # each rank its own stream (Poisson masks of its shard)
+        if noise_seed is not None and self.rank:
+            noise_seed = mix_seed(noise_seed, self.rank)
+        self.generator: Any = trusted_generator(noise_seed) if self.dp else None
         self.poisson = PoissonBatches(self.train_batches, self.generator) if self.dp else None
         self.steps_per_epoch = (self.poisson or self.train_batches).steps_per_epoch
         self.model = build_model(cfg, ds.num_classes, ds.in_channels, ds.image_size)
@@ -153,7 +184,7 @@ class Trainer:
                 if self.dp and self.releases_per_step_planned is None:
                     self.releases_per_step_planned = self._probe_releases() + 1
             mechanism = ReleaseMechanism(self.noise_cfg, sigma=self.sigma if self.noise_cfg.nsr is None else None)
-        self.sm = build_split(self.model, cfg, noise=mechanism)
+        self.sm = build_split(self.model, cfg, noise=mechanism, device=rank_device(cfg.device, self.rank, self.world))
         sync = getattr(self.sm.executor, "synchronize", None)
         if callable(sync):  # start the accelerator worker now: it adopts torch's thread count from its first op
             sync()
@@ -162,9 +193,12 @@ class Trainer:
         self.accountant = PrivacyLedger(cfg.accountant) if self.noise_cfg is not None else None
         self.unnoised_releases = 0
         self.releases_per_sample: dict[str, int] = {"activations": 0, "gradients": 0}
+        # data parallel: rank 0 alone noises its partial sum; the ranks' sums are added (one draw in total)
         self.privatizer = UpdatePrivatizer(self.model.parameters(), clip=cfg.update_clip,
-                                           noise_multiplier=float(self.update_sigma or 0.0),
+                                           noise_multiplier=float(self.update_sigma or 0.0) if self.is_main else 0.0,
                                            generator=self.generator) if self.dp else None
+        self._sync_params = [p for p in self.model.parameters() if p.requires_grad]
+        self._sync_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
 
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.wd, nesterov=cfg.nesterov)
@@ -182,6 +216,8 @@ class Trainer:
         self._ckpt_time = time.monotonic()
         if ckpt is not None:
             self._restore(ckpt)
+        if self.dist is not None:  # every rank starts from rank 0's parameters and buffers
+            self.dist.broadcast_module(self.model)
 
     @property
     def accelerator(self) -> str:
@@ -246,7 +282,7 @@ class Trainer:
     @staticmethod
     def _fresh_running() -> dict[str, float]:
         return {"loss_sum": 0.0, "correct": 0, "seen": 0, "wall_s": 0.0, "fb_s": 0.0, "accelerator_s": 0.0,
-                "blocked_s": 0.0}
+                "blocked_s": 0.0, "allreduce_s": 0.0}
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -281,11 +317,15 @@ class Trainer:
             "releases_by_kind_per_step": self.releases_by_kind_per_step,
             "elapsed_s": self.elapsed_before + time.perf_counter() - self._t_start,
             "torch_version": str(torch.__version__),
+            "world_size": self.world,
+            "global_batch_size": self.train_batches.global_batch_size,
         }
 
     def save(self) -> Path:
-        """Write the checkpoint (atomically) and remember where the run stands in it."""
-        path = atomic_save(self.state(), self.out / CHECKPOINT_NAME)
+        """Write the checkpoint (atomically; rank 0 only) and remember where the run stands in it."""
+        path = self.out / CHECKPOINT_NAME
+        if self.is_main:
+            path = atomic_save(self.state(), path)
         self.last_checkpoint = {"path": path, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                 "global_step": self.global_step}
         self._ckpt_time = time.monotonic()
@@ -369,8 +409,8 @@ class Trainer:
             raise TrainingDivergedError(f"{where}: the training loss is {float(loss.detach())}: {DIVERGED_HINT}")
         return loss, int((out.detach().argmax(1) == y).sum())
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """One optimisation step; returns (mean loss, correct predictions) of the batch."""
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """One optimisation step; returns (mean loss, correct predictions, samples) of the (global) batch."""
         t0 = time.perf_counter()
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
         self.optimizer.zero_grad(set_to_none=True)
@@ -386,6 +426,15 @@ class Trainer:
                 self.unnoised_releases += unnoised
                 self._account_release_only(noised, unnoised)
         t1 = time.perf_counter()
+        n = len(y)
+        if self.dist is not None:  # average (DP-SGD: add) the ranks' gradients; agree on the step's figures
+            loss_sum, correct_f, n_f, stop = self.dist.sync_step(
+                self._sync_params, self._sync_buffers, grad_scale=1.0 if self.dp else 1.0 / self.world,
+                extras=[loss * n, correct, n, float(self.stop.requested)])
+            correct, n = int(round(correct_f)), int(round(n_f))
+            loss = loss_sum / n if n else 0.0
+            self.stop.requested = self.stop.requested or stop > 0
+            self.running["allreduce_s"] += time.perf_counter() - t1
         self.optimizer.step()
         self.scheduler.step()
         t2 = time.perf_counter()
@@ -393,7 +442,7 @@ class Trainer:
         self.running["wall_s"] += t2 - t0
         if not self.releases_by_kind_per_step and delta:
             self.releases_by_kind_per_step = {k: v for k, v in delta.items() if k != "weight"}
-        return loss, correct
+        return loss, correct, n
 
     def _dp_backward(self, x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[float, int, dict[str, int]]:
         """DP-SGD on updates (see :mod:`asymml.training.dp`): one micro-batch per sample, per-sample clipped
@@ -422,6 +471,11 @@ class Trainer:
         finally:
             sm.public_grad_sink = None
         priv.finish(self.poisson.expected_batch_size, step=self.global_step)
+        if self.dist is not None:  # every rank accounts the same step: the largest counts of any rank's samples
+            n_a, n_g, unnoised_max = self.dist.all_max([self.releases_per_sample["activations"],
+                                                        self.releases_per_sample["gradients"], unnoised_max])
+            self.releases_per_sample.update(activations=int(n_a), gradients=int(n_g))
+            unnoised_max = int(unnoised_max)
         # one step of the run: a sampled sample's releases and the noised update (an empty batch is a step
         # too: Poisson sampling's guarantee needs every step accounted, with the planned releases)
         sigma = float(self.sigma or 0.0)
@@ -461,7 +515,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``cfg.epochs`` (from where a restored checkpoint stopped); write checkpoints, the
         summary, the curves and ``model.pt``; return the summary."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self._t_start = time.perf_counter()
         if self.epoch >= self.cfg.epochs:
             self.echo(f"{self.out}: the checkpoint has completed {plural(self.epoch, 'epoch')} already; nothing "
@@ -472,6 +527,11 @@ class Trainer:
             self.save()  # a lost accelerator always has a checkpoint to name
         try:
             status = self._loop()
+        except PeerLostError as e:
+            self._close_quietly()
+            if self.dist is not None:
+                self.dist.close()
+            raise PeerLostError(self._peer_message(e)) from None
         except (AcceleratorConnectionError, RemoteError) as e:
             self._close_quietly()
             raise AcceleratorConnectionError(self._lost_message(e)) from None
@@ -488,7 +548,7 @@ class Trainer:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
-        logger = RunLogger(self.out / "tensorboard" if cfg.tensorboard else None,
+        logger = RunLogger(self.out / "tensorboard" if cfg.tensorboard and self.is_main else None,
                            purge_step=self.global_step if self.global_step else None)
         try:
             with self.stop:
@@ -500,7 +560,7 @@ class Trainer:
                         self.running = self._fresh_running()
                     bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                                desc=f"epoch {e + 1}/{cfg.epochs}", unit="step", leave=False,
-                               disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+                               disable=not (cfg.progress and self.is_main), dynamic_ncols=True, file=sys.stderr)
                     with bar:
                         for x, y in self._batches(e):
                             self._one_step(x, y, logger, bar)
@@ -509,6 +569,8 @@ class Trainer:
                             if self.step_in_epoch < self.steps_per_epoch and self._checkpoint_due():
                                 self.save()
                     self._end_epoch(logger)
+                    if self.dist is not None:  # a signal during evaluation: every rank stops, or none
+                        self.stop.requested = self.dist.all_max([float(self.stop.requested)])[0] > 0
                     if self.stop.requested and self.epoch < cfg.epochs:
                         return "interrupted"
         finally:
@@ -516,8 +578,8 @@ class Trainer:
         return "completed"
 
     def _one_step(self, x: torch.Tensor, y: torch.Tensor, logger: RunLogger, bar: Any) -> None:
-        loss, correct = self._train_step(x, y)
-        r, n = self.running, len(y)
+        loss, correct, n = self._train_step(x, y)
+        r = self.running
         r["loss_sum"] += loss * n
         r["correct"] += correct
         r["seen"] += n
@@ -550,7 +612,8 @@ class Trainer:
             trusted = r["wall_s"] - blocked
         where = f"evaluation after epoch {self.epoch + 1}"
         with diverged_guard(self.model, where):
-            test = evaluate(self.sm, self.test_batches, progress=cfg.progress)
+            test = evaluate(self.sm, self.test_batches, progress=cfg.progress and self.is_main, rank=self.rank,
+                            world=self.world, reduce=self.dist.all_sum if self.dist is not None else None)
         if not math.isfinite(test["loss"]):
             raise TrainingDivergedError(f"{where}: the test loss is {test['loss']}: {DIVERGED_HINT}")
         self.epoch += 1
@@ -571,6 +634,8 @@ class Trainer:
             "throughput": r["seen"] / max(r["wall_s"], 1e-9),
             "epsilon": eps if privacy_report(self)["epsilon"] is not None else None,
         }
+        if self.dist is not None:
+            entry["allreduce_s"] = r["allreduce_s"]
         self.history.append(entry)
         logger.epoch(self.global_step, entry)
         self.echo(epoch_line(self, entry))
@@ -578,8 +643,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
     def resume_command(self) -> str:
-        """The exact command that continues this run."""
+        """The exact command that continues this run (data parallel: with the same number of ranks)."""
+        if self.world > 1:
+            return f"asymml train --nproc-per-node {self.world} --resume {shlex.quote(str(self.out))}"
         return f"asymml train --resume {shlex.quote(str(self.out))}"
+
+    def _peer_message(self, e: BaseException) -> str:
+        """What a lost rank means for this run, and how to continue it."""
+        ck = self.last_checkpoint
+        msg = (f"{e} Data-parallel run of {self.world} ranks stopped at epoch {self.epoch + 1}, step "
+               f"{self.step_in_epoch + 1}.")
+        if ck is not None:
+            lost = self.global_step - ck["global_step"]
+            msg += (f" The last checkpoint is {ck['path']} (epoch {ck['epoch'] + 1}, step {ck['step_in_epoch']}; "
+                    f"{plural(lost, 'step')} since then are lost). Continue with: {self.resume_command()} "
+                    f"(multi-host: your torchrun command with --resume {shlex.quote(str(self.out))})")
+        return msg
 
     def _lost_message(self, e: BaseException, what: str = "lost") -> str:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -619,18 +698,28 @@ class Trainer:
             f"backward {cfg.backward}{noise}, {plural(cfg.epochs, 'epoch')} x {plural(self.steps_per_epoch, 'step')} "
             f"-> {self.out}"
         )
+        if self.dist is not None:
+            self.echo(f"data parallel: {self.world} ranks (trusted contexts) x batch {cfg.batch_size} = global batch "
+                      f"{self.train_batches.global_batch_size}; gradients all-reduced with gloo over "
+                      f"{self.dist.transport}, collective timeout {self.dist.timeout_s:g} s; rank 0 writes the outputs")
         if cfg.noise_seed is not None and self.noise_cfg is not None:
             self.echo(f"WARNING: --noise-seed {cfg.noise_seed} makes the noise reproducible and INSECURE: anyone who "
                       "knows the seed can subtract it (for experiments only; no privacy guarantee is reported)")
 
     def _finish(self, status: str) -> TrainResult:
-        if status == "completed":
+        if status == "completed" and self.is_main:
             atomic_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, self.out / "model.pt")
-        summary = build_summary(self, status)
+        summary = build_summary(self, status, write=self.is_main)
         if status == "completed" and self.history:
             self.echo(finish_line(self, summary))
         self.sm.executor.close()
+        if self.dist is not None:
+            self.dist.close()
         return TrainResult(summary)
+
+
+def _silent(msg: str) -> None:
+    """The echo of ranks other than 0: rank 0 speaks for the run."""
 
 
 def _echo(msg: str) -> None:
