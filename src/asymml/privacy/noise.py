@@ -44,10 +44,13 @@ not privatised, so an epsilon reported for such a run is a heuristic figure, not
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
@@ -62,6 +65,31 @@ DEFAULT_AUTO_QUANTILE = 0.5
 """Quantile of recent per-sample norms used by ``clip="auto"``."""
 
 _NORM_FLOOR = 1e-30  # avoids 0/0 when a sample's residual is exactly zero
+
+DEFAULT_PREFETCH_BYTES = 256 << 20
+"""Most bytes of float64 noise buffers a mechanism keeps (prefetched, free for reuse and in use together)."""
+
+_COMBINE_ELEMS = 32760  # elements per op when adding noise (below torch's parallel grain: one thread)
+_SINGLE_DRAW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None or v.strip() == "" else v.strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class _Pending:
+    """A draw generated ahead: address ``(layer, index)``, size, hardening, the generator it came from."""
+
+    layer: str
+    index: int
+    n: int
+    draws: int
+    rng: SecureGenerator
+    epoch: int
+    buf: Tensor
+    future: Future[None] = field(default_factory=Future)
 
 
 def _is_real(x: Any) -> bool:
@@ -255,6 +283,18 @@ class ReleaseMechanism:
 
     :meth:`state_dict` / :meth:`load_state_dict` carry the adaptive clip, norm history, multipliers and
     release counters -- never the generator's key or position.
+
+    Noise off the critical path (``prefetch``, default on; ``ASYMML_NOISE_PREFETCH=0`` turns the default
+    off): the mechanism learns which layer releases after which (and each layer's size) and, once a release
+    is noised, generates the *next expected* draw -- same address ``(layer, release index)``, hence the very
+    numbers an inline draw would give -- on a background thread into a reused float64 buffer, while the
+    trusted side waits for the accelerator.  A prefetched draw is taken out of the pending table under a lock
+    before use and its buffer is only refilled after the noise was added to a *new* release tensor, so no
+    draw is ever handed out twice and no release aliases a buffer.  Buffers stay within ``prefetch_bytes``
+    (a prediction that does not fit is skipped).  ``threads``: threads that generate one inline draw (the
+    caller plus ``threads - 1`` pool threads).  ``draws``: Gaussians summed per element; None = 1 for float32
+    / float16 / bfloat16 releases (float64 noise rounded once) and ``HARDENING_DRAWS`` for float64 releases
+    (see :mod:`asymml.privacy.secure_rng`).  :meth:`noise_stats` reports where the time went.
     """
 
     def __init__(
@@ -266,8 +306,20 @@ class ReleaseMechanism:
         ema: float = 0.9,
         track_norms: bool = False,
         norm_history: int = 4096,
+        prefetch: bool | None = None,
+        threads: int | None = None,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        draws: int | None = None,
     ) -> None:
         config.validate()
+        if draws is not None and (not isinstance(draws, int) or isinstance(draws, bool) or draws < 1):
+            raise ValueError(f"draws must be an integer >= 1 or None (got {draws!r})")
+        if threads is None:
+            threads = int(os.environ.get("ASYMML_NOISE_THREADS", "1") or 1)
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1 (got {threads!r})")
+        if prefetch_bytes < 0:
+            raise ValueError(f"prefetch_bytes must be >= 0 (got {prefetch_bytes!r})")
         if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
             raise ValueError(f"sigma must be a finite number >= 0 (got {sigma!r})")
         if config.nsr is not None:
@@ -305,6 +357,21 @@ class ReleaseMechanism:
         self._norms: dict[str, Tensor] = {}
         self._multipliers: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        # noise generation and prefetch (never part of the state: the key and the noise stay in memory)
+        self._draws = draws
+        self._threads = threads
+        self._prefetch = _env_flag("ASYMML_NOISE_PREFETCH", True) if prefetch is None else bool(prefetch)
+        self._budget = int(prefetch_bytes)
+        self._plock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pending: dict[str, _Pending] = {}
+        self._free: list[Tensor] = []
+        self._held_bytes = 0  # bytes of every buffer the mechanism owns (free, pending and in use)
+        self._next: dict[str, str] = {}  # learned successor of each releasing layer
+        self._size: dict[str, tuple[int, int]] = {}  # layer -> (numel, draws) of its latest release
+        self._last: str | None = None
+        self._stats = _new_stats()
 
     # ----------------------------------------------------------------- generator and state
     @property
@@ -317,11 +384,13 @@ class ReleaseMechanism:
         if self._torch_generator is not None:
             return {"generator": "torch.Generator (INSECURE)", "key_bits": 32, "secure": False, "hardening_draws": 1}
         return {"generator": "chacha20", "key_bits": self._rng.key_bits, "secure": self._rng.secure,
-                "hardening_draws": HARDENING_DRAWS}
+                "hardening_draws": self._draws or HARDENING_DRAWS, "float32_draws": self._draws or 1,
+                "noise_dtype": "float64", "prefetch": self._prefetch, "threads": self._threads}
 
     def set_insecure_seed(self, seed: int | None) -> None:
         """**INSECURE**: key the noise by ``seed`` (reproducible experiments only; warns).  ``None``: a fresh
         OS key.  Counters are kept, so a resumed run with the same seed replays the same noise."""
+        self._drain()
         with self._lock:
             self._rng = _default_rng(seed)
             self._torch_generator = None
@@ -343,6 +412,7 @@ class ReleaseMechanism:
         unknown = set(state) - {"version", "clip_state", "norms", "multipliers", "counts"}
         if unknown:
             raise KeyError(f"unexpected mechanism state keys: {sorted(unknown)} (noise state is never restored)")
+        self._drain()  # draws prefetched at the old counters under the old key are dropped, never used
         with self._lock:
             self._clip_state = {str(k): float(v) for k, v in state.get("clip_state", {}).items()}
             self._norms = {str(k): torch.as_tensor(v).detach().float().cpu().clone()
@@ -425,14 +495,181 @@ class ReleaseMechanism:
             self._counts[layer] = index + 1
         if clip is None:  # adaptive clip, nothing seen yet and an empty batch: nothing to release
             return r.clone()
-        scale = _clip_scale(norms, clip).to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
-        out = r * scale
+        scale = _clip_scale(norms, clip)
         std = multiplier * clip
-        if std > 0 and out.numel() > 0:
-            noise = self._noise(out, generator, layer, index)
-            # added in float64, rounded once to the release's dtype
-            out = (out.to(torch.float64) + std * noise.to(out.device)).to(out.dtype)
+        if not (std > 0 and r.numel() > 0):
+            return r * scale.to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
+        draws = self._draws or (1 if r.dtype in _SINGLE_DRAW_DTYPES else HARDENING_DRAWS)
+        if generator is not None or self._torch_generator is not None:  # an explicit source: inline, no prefetch
+            noise = self._noise(r, generator, layer, index, draws)
+            return _add_noise(r, scale, std, noise.reshape(-1))
+        n = r.numel()
+        t0 = time.perf_counter()
+        buf = self._take(layer, index, n, draws)
+        t1 = time.perf_counter()
+        try:
+            out = _add_noise(r, scale, std, buf[:n])
+        finally:
+            self._give_back(buf)
+        t2 = time.perf_counter()
+        with self._plock:
+            st = self._stats
+            st["critical_s"] += t1 - t0
+            st["combine_s"] += t2 - t1
+            st["releases"] += 1
+            st["elements"] += n
+            if self._last is not None:
+                self._next[self._last] = layer
+            self._last = layer
+            self._size[layer] = (n, draws)
+        if self._prefetch:
+            self._schedule(self._next.get(layer))
         return out
+
+    # ----------------------------------------------------------------- noise generation and prefetch
+    def noise_stats(self) -> dict[str, Any]:
+        """Where the noise time went, since construction or :meth:`reset_noise_stats` (a copy).
+
+        ``critical_s``: seconds the caller spent obtaining noise (inline generation + waiting for a draw still
+        in flight); ``wait_s``: the waiting part; ``combine_s``: adding noise to releases (always on the
+        caller); ``background_s``: seconds the prefetch thread spent generating; ``hits`` (ready when asked),
+        ``late`` (prefetched, still in flight when asked: the caller waited), ``misses`` (generated inline),
+        ``discarded`` (prefetched for a release that did not come), ``skipped`` (a prediction that did not fit
+        ``prefetch_bytes``); ``samples``/``inline_samples``/``prefetched_samples``: Gaussian elements
+        generated; ``buffer_bytes``/``peak_buffer_bytes``: float64 noise buffers held; ``releases``,
+        ``elements``: noised releases and their elements."""
+        with self._plock:
+            st = dict(self._stats)
+            st["buffer_bytes"] = self._held_bytes
+            st["prefetch"] = self._prefetch
+            st["threads"] = self._threads
+        st["samples"] = st["inline_samples"] + st["prefetched_samples"]
+        return st
+
+    def reset_noise_stats(self) -> None:
+        """Zero the counters of :meth:`noise_stats` (the buffers and the learned order are kept)."""
+        with self._plock:
+            self._stats = _new_stats()
+            self._stats["peak_buffer_bytes"] = self._held_bytes
+
+    def set_prefetch(self, enabled: bool) -> None:
+        """Turn prefetching on or off (off: draws still pending are dropped, their buffers kept for reuse)."""
+        self._prefetch = bool(enabled)
+        if not enabled:
+            self._drain()
+
+    def close(self) -> None:
+        """Drop pending draws, free the buffers and stop the worker threads (the mechanism stays usable)."""
+        self._drain()
+        with self._plock:
+            pool, self._pool = self._pool, None
+            self._held_bytes -= sum(b.numel() * 8 for b in self._free)
+            self._free.clear()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._plock:
+            if self._pool is None or self._pool_pid != os.getpid():  # (a forked child has no threads)
+                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="asymml-noise")
+                self._pool_pid = os.getpid()
+                self._pending.clear()
+            return self._pool
+
+    def _acquire(self, n: int, *, force: bool) -> Tensor | None:
+        """A free float64 buffer of >= n elements (best fit), else a new one if the budget allows (always when
+        ``force``: an inline draw must happen).  Caller holds ``_plock``."""
+        fits = [b for b in self._free if b.numel() >= n]
+        if fits:
+            b = min(fits, key=lambda t: t.numel())
+            self._free.remove(b)
+            return b
+        while self._free and self._held_bytes + 8 * n > self._budget:  # make room: drop unsuitable buffers
+            self._held_bytes -= 8 * self._free.pop(0).numel()
+        if not force and self._held_bytes + 8 * n > self._budget:
+            return None
+        self._held_bytes += 8 * n
+        self._stats["peak_buffer_bytes"] = max(self._stats["peak_buffer_bytes"], self._held_bytes)
+        return torch.empty(n, dtype=torch.float64)
+
+    def _give_back(self, buf: Tensor) -> None:
+        with self._plock:
+            if self._held_bytes > self._budget:  # over budget after a forced inline draw: free it
+                self._held_bytes -= 8 * buf.numel()
+            else:
+                self._free.append(buf)
+
+    def _take(self, layer: str, index: int, n: int, draws: int) -> Tensor:
+        """The noise of release ``(layer, index)``: the prefetched draw if it matches, else generated here."""
+        rng = self._rng
+        with self._plock:
+            p = self._pending.pop(layer, None)
+        if p is not None:
+            ready = p.future.done()
+            t0 = time.perf_counter()
+            p.future.result()  # (re-raises a failure of the worker)
+            waited = time.perf_counter() - t0
+            if p.index == index and p.n == n and p.draws == draws and p.rng is rng and p.epoch == rng.key_epoch:
+                with self._plock:
+                    self._stats["hits" if ready else "late"] += 1
+                    self._stats["wait_s"] += waited
+                return p.buf
+            with self._plock:
+                self._stats["discarded"] += 1
+            self._give_back(p.buf)
+        with self._plock:
+            buf = self._acquire(n, force=True)
+            self._stats["misses"] += 1
+            self._stats["inline_samples"] += n
+        assert buf is not None
+        pool = self._executor() if self._threads > 1 else None
+        rng.standard_normal((n,), label=layer, index=index, draws=draws, out=buf[:n], threads=self._threads,
+                            executor=pool)
+        return buf
+
+    def _schedule(self, layer: str | None) -> None:
+        """Start generating ``layer``'s next release in the background (if predicted, not pending, fits)."""
+        if layer is None or self._torch_generator is not None:
+            return
+        size = self._size.get(layer)
+        if size is None:
+            return
+        n, draws = size
+        rng = self._rng
+        with self._lock:
+            index = self._counts.get(layer, 0)
+        pool = self._executor()
+        with self._plock:
+            if layer in self._pending or not self._prefetch:
+                return
+            buf = self._acquire(n, force=False)
+            if buf is None:
+                self._stats["skipped"] += 1
+                return
+            p = _Pending(layer, index, n, draws, rng, rng.key_epoch, buf)
+            self._pending[layer] = p
+            p.future = pool.submit(self._generate_ahead, p)
+
+    def _generate_ahead(self, p: _Pending) -> None:
+        t0 = time.perf_counter()
+        p.rng.standard_normal((p.n,), label=p.layer, index=p.index, draws=p.draws, out=p.buf[: p.n])
+        dt = time.perf_counter() - t0
+        with self._plock:
+            self._stats["background_s"] += dt
+            self._stats["prefetched_samples"] += p.n
+
+    def _drain(self) -> None:
+        """Drop every pending draw (waiting for those in flight) and keep their buffers for reuse."""
+        with self._plock:
+            pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            try:
+                p.future.result()
+            except Exception:  # noqa: BLE001 -- a dropped draw's failure does not matter
+                pass
+            with self._plock:
+                self._stats["discarded"] += 1
+            self._give_back(p.buf)
 
     def _update_and_get_clip(self, layer: str, norms: Tensor) -> float | None:
         if not self._track_norms:
@@ -452,18 +689,17 @@ class ReleaseMechanism:
                 self._clip_state[layer] = ema
             return self._clip_state.get(layer)
 
-    def _noise(self, out: Tensor, generator: Any, layer: str, index: int) -> Tensor:
-        """Standard normal noise shaped like ``out``, float64, on the CPU (trusted)."""
+    def _noise(self, out: Tensor, generator: Any, layer: str, index: int, draws: int) -> Tensor:
+        """Standard normal noise shaped like ``out``, float64, on the CPU (trusted), from an explicit source."""
         if generator is None:
             generator = self._torch_generator
         if isinstance(generator, torch.Generator):  # legacy, insecure
             if generator is not self._torch_generator:
                 _warn_torch_generator()
             return torch.randn(out.shape, generator=generator, device=generator.device, dtype=torch.float64)
-        rng = generator if generator is not None else self._rng
-        if not isinstance(rng, SecureGenerator):
-            raise TypeError(f"generator must be a SecureGenerator (got {type(rng).__name__})")
-        return rng.standard_normal(tuple(out.shape), label=layer, index=index)
+        if not isinstance(generator, SecureGenerator):
+            raise TypeError(f"generator must be a SecureGenerator (got {type(generator).__name__})")
+        return generator.standard_normal(tuple(out.shape), label=layer, index=index, draws=draws)
 
     def __repr__(self) -> str:
         c = self.config
@@ -485,3 +721,72 @@ def _warn_torch_generator() -> None:
         InsecureNoiseWarning,
         stacklevel=3,
     )
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"critical_s": 0.0, "wait_s": 0.0, "combine_s": 0.0, "background_s": 0.0, "hits": 0, "late": 0,
+            "misses": 0, "discarded": 0, "skipped": 0, "inline_samples": 0, "prefetched_samples": 0,
+            "peak_buffer_bytes": 0, "releases": 0, "elements": 0}
+
+
+def _memory_order(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s elements in memory order (contiguous or channels-last), or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return None
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.tmp = torch.empty(_COMBINE_ELEMS, dtype=torch.float64)
+
+
+_SCRATCH = _Scratch()
+
+
+def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor) -> Tensor:
+    """``r_b * scale_b + std * noise`` per sample ``b``, computed in float64 and rounded once to ``r.dtype``,
+    as a new tensor in ``r``'s memory format.  ``noise``: float64, ``r.numel()`` elements, applied in memory
+    order (the elements are i.i.d., so the layout does not matter).  Cache-sized chunks on the CPU."""
+    shape_b = (-1,) + (1,) * (r.dim() - 1)
+    if r.requires_grad and torch.is_grad_enabled() or r.device.type != "cpu" or not r.is_floating_point():
+        # differentiable / other devices: whole-tensor ops (noise added in float64, rounded once)
+        noise = noise.view(r.shape)
+        return (r.to(torch.float64) * scale.to(device=r.device, dtype=torch.float64).reshape(shape_b)
+                + std * noise.to(r.device)).to(r.dtype)
+    src = _memory_order(r)
+    if src is None:
+        r = r.contiguous()
+        src = r.view(-1)
+    out = torch.empty_like(r)
+    dst = _memory_order(out)
+    assert dst is not None
+    b_count = r.shape[0]
+    d = r.numel() // max(b_count, 1)
+    if d < 4096:  # small samples: a few whole-tensor float64 ops beat a loop over samples
+        scale64 = scale.detach().to(torch.float64).cpu().reshape(-1, 1)
+        t64 = src.view(b_count, d).to(torch.float64).mul_(scale64).add_(noise.view(b_count, d), alpha=std)
+        dst.view(b_count, d).copy_(t64)
+        return out
+    sc = scale.detach().to(torch.float64).cpu().tolist()
+    if r.dtype == torch.float64:  # one rounding already: whole-sample float64 ops
+        for b in range(b_count):
+            lo, hi = b * d, (b + 1) * d
+            torch.mul(src[lo:hi], sc[b], out=dst[lo:hi])
+            dst[lo:hi].add_(noise[lo:hi], alpha=std)
+        return out
+    tmp = _SCRATCH.tmp
+    for b in range(b_count):
+        sb = sc[b]
+        for lo in range(b * d, (b + 1) * d, _COMBINE_ELEMS):
+            hi = min(lo + _COMBINE_ELEMS, (b + 1) * d)
+            t = tmp[: hi - lo]
+            t.copy_(src[lo:hi])
+            if sb != 1.0:
+                t.mul_(sb)
+            t.add_(noise[lo:hi], alpha=std)
+            dst[lo:hi].copy_(t)
+    return out
+

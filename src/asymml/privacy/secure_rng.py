@@ -45,6 +45,7 @@ import secrets
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
@@ -71,7 +72,10 @@ HARDENING_DRAWS = 4
 _TWO_PI = 2.0 * math.pi
 _MANTISSA = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # IEEE-754 bits of 1.0
-_CHUNK = 1 << 21  # Box–Muller pairs per chunk
+_LOW63 = (1 << 63) - 1
+_RAD_OFFSET = 126.0 * math.log(2.0)  # -2 ln(k 2^-63) = -2 ln k + 126 ln 2
+_CHUNK_ELEMS = 32760  # elements per op of the kernel: below torch's 32768 grain, so one thread per chunk
+_MAX_STREAM_BYTES = 64 << 32  # ChaCha20's 32-bit block counter
 
 
 class InsecureNoiseWarning(UserWarning):
@@ -95,6 +99,7 @@ class SecureGenerator:
     def __init__(self, *, insecure_seed: int | None = None) -> None:
         self._lock = threading.Lock()
         self._sequence = 0
+        self._epoch = 0
         self._insecure_seed: int | None = None
         if insecure_seed is None:
             self._key = secrets.token_bytes(KEY_BITS // 8)
@@ -125,6 +130,12 @@ class SecureGenerator:
             with self._lock:
                 self._key = secrets.token_bytes(KEY_BITS // 8)
                 self._sequence = 0
+                self._epoch += 1
+
+    @property
+    def key_epoch(self) -> int:
+        """How many times :meth:`rekey` replaced the key (lets a holder of draws made ahead drop stale ones)."""
+        return self._epoch
 
     def __repr__(self) -> str:
         kind = "OS key" if self.secure else f"INSECURE seed={self._insecure_seed}"
@@ -175,27 +186,117 @@ class SecureGenerator:
         label: str | None = None,
         index: int | None = None,
         draws: int = HARDENING_DRAWS,
+        out: Tensor | None = None,
+        threads: int = 1,
+        executor: Executor | None = None,
     ) -> Tensor:
-        """Hardened N(0, 1) samples of ``shape`` in float64: the mean of ``draws`` Box–Muller Gaussians
-        times ``sqrt(draws)`` (``draws=4``: Opacus' secure_mode).  ``label``/``index`` address the draw."""
+        """N(0, 1) samples of ``shape`` in float64: ``sum of draws Box–Muller Gaussians / sqrt(draws)``.
+
+        ``draws=4`` is Opacus' secure_mode hardening (float64 outputs); ``draws=1`` suffices when the result is
+        rounded once into a float32 release (see the module docstring).  ``label``/``index`` address the draw
+        (same address, same key, same numbers -- whatever ``threads`` is).  ``out``: a contiguous float64
+        tensor with ``prod(shape)`` elements to fill (a reused buffer: no allocation).  ``threads > 1`` with an
+        ``executor``: the draw is cut in ``threads`` contiguous ranges, one computed here, the others on the
+        executor's threads (the cipher and torch's kernels release the GIL)."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1 (got {draws})")
         n = math.prod(shape)
-        out = torch.zeros(n, dtype=torch.float64)
-        pairs = (n + 1) // 2
-        for s in range(0, pairs, _CHUNK):  # chunks bound the float64 temporaries (~draws * 64 MiB)
-            k = min(pairs, s + _CHUNK) - s
-            u = self.uniform(2 * k * draws, label=label, index=None if label is None else (index or 0) * 2**32 + s)
-            u = u.view(draws, 2, k)
-            rad = u[:, 0].log().mul_(-2.0).sqrt_()  # Box–Muller: pairs (rad cos, rad sin) of angle 2 pi u2
-            ang = u[:, 1].mul_(_TWO_PI)
-            z = torch.cat([ang.cos().mul_(rad).sum(0), ang.sin_().mul_(rad).sum(0)])
-            lo = 2 * s
-            hi = min(n, lo + 2 * k)
-            out[lo:hi] = z[: hi - lo]
-        if draws > 1:
-            out.div_(math.sqrt(draws))
-        return out.reshape(shape)
+        if out is None:
+            out = torch.empty(n, dtype=torch.float64)
+        elif out.dtype != torch.float64 or out.numel() != n or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU float64 tensor of {n} elements "
+                             f"(got {out.dtype}, {out.numel()} elements)")
+        flat = out.view(-1)
+        if n:
+            pairs = _chunk_pairs(draws)
+            chunks = -(-((n + 1) // 2) // pairs)
+            if 16 * draws * pairs * chunks > _MAX_STREAM_BYTES:
+                raise ValueError(f"a single draw of {n} normals exceeds one ChaCha20 stream (2^32 blocks)")
+            nonce = self._nonce(label, index)
+            with self._lock:
+                key = self._key
+            parts = max(1, min(int(threads), chunks)) if executor is not None else 1
+            bounds = [chunks * i // parts for i in range(parts + 1)]
+            futures = [executor.submit(_fill_chunks, flat, key, nonce, draws, bounds[i], bounds[i + 1])
+                       for i in range(1, parts)] if executor is not None else []
+            _fill_chunks(flat, key, nonce, draws, bounds[0], bounds[1])
+            for f in futures:
+                f.result()
+        return out.view(tuple(shape))
+
+
+# --------------------------------------------------------------------------- the Gaussian kernel
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers of the kernel (reused: no allocation, no page faults per chunk)."""
+
+    def __init__(self) -> None:
+        self.zeros = memoryview(bytes(16 * _CHUNK_ELEMS))
+        self.words = torch.empty(2 * _CHUNK_ELEMS, dtype=torch.int64)
+        self.words_u8 = self.words.numpy().view("uint8")
+        self.rad = torch.empty(_CHUNK_ELEMS, dtype=torch.float64)
+        self.trig = torch.empty(2 * _CHUNK_ELEMS, dtype=torch.float64)
+        self.total = torch.empty(2 * _CHUNK_ELEMS, dtype=torch.float64)
+
+
+_WS = _Workspace()
+
+
+def _chunk_pairs(draws: int) -> int:
+    """Box–Muller pairs per chunk: every element-wise op of a chunk stays below torch's parallel grain (one
+    thread per chunk, whichever thread runs it) and each chunk starts on a 64-byte ChaCha20 block."""
+    return max(4, (_CHUNK_ELEMS // draws) // 4 * 4)
+
+
+def _fill_chunks(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int) -> None:
+    """Fill chunks ``[c0, c1)`` of the addressed draw ``(key, nonce)`` into ``flat`` (float64, 1-D).
+
+    Chunk ``c`` covers output elements ``[2 c P, 2 c P + 2 P)`` (``P = _chunk_pairs(draws)``) and reads the
+    keystream at byte ``16 * draws * P * c``: the result does not depend on how chunks are shared out."""
+    if c0 >= c1:
+        return
+    ws = _WS
+    n = flat.numel()
+    pairs = _chunk_pairs(draws)
+    counter = (16 * draws * pairs * c0) // 64
+    enc = Cipher(algorithms.ChaCha20(key, counter.to_bytes(4, "little") + nonce), mode=None).encryptor()
+    inv = 1.0 / math.sqrt(draws)
+    for c in range(c0, c1):
+        lo = 2 * pairs * c
+        m = min(n, lo + 2 * pairs) - lo
+        pc = (m + 1) // 2
+        k = draws * pc
+        nbytes = 16 * k
+        enc.update_into(ws.zeros[:nbytes], ws.words_u8[:nbytes])
+        words = ws.words[: 2 * k]
+        # radius sqrt(-2 ln u1), u1 = (j + 1/2) 2^-62 from 62 random bits (odd 63-bit integers): the largest
+        # radius is sqrt(2 * 62.7 ln 2) = 9.3, the Gaussian tail beyond it is ~1e-20
+        w0 = words[:k].bitwise_and_(_LOW63).bitwise_or_(1)
+        rad = ws.rad[:k]
+        rad.copy_(w0)  # int64 -> float64 (rounded to 53 bits: the relative precision of a double)
+        rad.log_().mul_(-2.0).add_(_RAD_OFFSET).sqrt_()
+        # angle 2 pi v, v uniform on the 2^52-point grid of [1, 2) (cos and sin have period 2 pi)
+        theta = words[k:].bitwise_and_(_MANTISSA).bitwise_or_(_ONE_BITS).view(torch.float64).mul_(_TWO_PI)
+        dst = flat[lo : lo + m]
+        if draws == 1 and m == 2 * pc:
+            z = dst.view(2, pc)
+            torch.cos(theta, out=z[0])
+            torch.sin(theta, out=z[1])
+            z.mul_(rad)
+            continue
+        z = ws.trig[: 2 * k].view(2, draws, pc)
+        torch.cos(theta.view(draws, pc), out=z[0])
+        torch.sin(theta.view(draws, pc), out=z[1])
+        z.mul_(rad.view(1, draws, pc))
+        if draws == 1:
+            dst.copy_(z.reshape(-1)[:m])
+            continue
+        total = ws.total[: 2 * pc].view(2, pc)
+        torch.add(z[:, 0], z[:, 1], out=total)
+        for d in range(2, draws):
+            total.add_(z[:, d])
+        dst.copy_(total.view(-1)[:m]).mul_(inv)
 
 
 def _fresh(insecure_seed: int | None) -> SecureGenerator:
