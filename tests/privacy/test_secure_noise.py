@@ -228,3 +228,177 @@ def test_split_runtime_uses_the_mechanisms_secure_generator() -> None:
     assert not torch.allclose(_split_releases(None), _split_releases(None))
     assert torch.equal(_split_releases(5), _split_releases(5))  # insecure, reproducible on request
     assert not torch.allclose(_split_releases(5), _split_releases(5 + 2**32))
+
+
+# --------------------------------------------------------------------------- the fast kernel (issue 11 item 5)
+
+
+@pytest.mark.parametrize("draws", [1, 4])
+def test_kernel_output_is_standard_normal_with_independent_parts(draws: int) -> None:
+    # catches: a wrong radius/angle formula, a constant offset, a reused angle or radius across elements
+    n = 200_003  # odd: the last pair is cut
+    z = SecureGenerator().standard_normal((n,), label="k", index=0, draws=draws)
+    assert z.dtype == torch.float64 and z.shape == (n,) and bool(torch.isfinite(z).all())
+    assert abs(float(z.mean())) < 5 / n**0.5 and abs(float(z.var()) - 1) < 0.02
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
+    # the two halves of each chunk are the cos and sin parts of the same (radius, angle) pairs: independent,
+    # also in their squares (a shared radius without the right angle would correlate the magnitudes)
+    from asymml.privacy.secure_rng import _chunk_pairs
+
+    p = _chunk_pairs(draws)
+    c, s = z[:p], z[p : 2 * p]
+    for a, b in ((c, s), (c.square(), s.square()), (z[:-1], z[1:])):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / len(a) ** 0.5
+    assert 3.5 < float(z.abs().max()) < 9.5  # real tails, and the documented radius bound
+
+
+def test_consecutive_releases_and_different_keys_give_independent_streams() -> None:
+    # catches: the address or the key ignored (two releases / two runs adding the same or related noise)
+    g, h = SecureGenerator(), SecureGenerator()
+    shape = (50_000,)
+    draws = [g.standard_normal(shape, label="l", index=i, draws=1) for i in range(3)]
+    draws += [h.standard_normal(shape, label="l", index=0, draws=1), g.standard_normal(shape, label="m", index=0, draws=1)]
+    for i in range(len(draws)):
+        for j in range(i):
+            r = float(torch.corrcoef(torch.stack([draws[i], draws[j]]))[0, 1])
+            assert abs(r) < 5 / shape[0] ** 0.5, (i, j, r)
+
+
+def test_draw_is_the_same_for_any_thread_count_and_into_a_buffer() -> None:
+    # catches: a chunk read at the wrong keystream offset when a draw is shared out between threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = SecureGenerator(insecure_seed=2)
+    n = 3 * 32760 + 11
+    ref = g.standard_normal((n,), label="t", index=3, draws=1)
+    with ThreadPoolExecutor(3) as pool:
+        for threads in (2, 3):
+            assert torch.equal(g.standard_normal((n,), label="t", index=3, draws=1, threads=threads, executor=pool), ref)
+    buf = torch.full((n,), float("nan"), dtype=torch.float64)
+    assert g.standard_normal((n,), label="t", index=3, draws=1, out=buf).data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, ref)
+    with pytest.raises(ValueError, match="out must be"):
+        g.standard_normal((n,), label="t", index=3, out=torch.empty(n))
+
+
+@pytest.mark.parametrize("dtype, draws", [(torch.float32, 1), (torch.float64, HARDENING_DRAWS)])
+def test_release_noise_hardening_follows_the_release_dtype(dtype: torch.dtype, draws: int) -> None:
+    # catches: float64 releases losing the 4-draw hardening, or the noise not being float64 rounded once
+    shape = (3, 5, 7)
+    out = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0, insecure_seed=4))(torch.zeros(shape, dtype=dtype), layer="l")
+    ref = SecureGenerator(insecure_seed=4).standard_normal(shape, label="l", index=0, draws=draws)
+    assert out.dtype == dtype and torch.equal(out, ref.to(dtype))
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+_LAYERS = {"a": (4, 8, 40, 40), "b": (4, 16, 20, 20), "b:grad": (4, 16, 20, 20)}
+
+
+def _steps(mech: ReleaseMechanism, steps: int, *, layout=torch.channels_last) -> list[torch.Tensor]:
+    outs = []
+    for _ in range(steps):
+        for layer, shape in _LAYERS.items():
+            outs.append(mech(torch.zeros(shape).contiguous(memory_format=layout), layer=layer))
+    return outs
+
+
+def test_prefetched_noise_is_what_an_inline_draw_gives() -> None:
+    # catches: a prefetched draw at the wrong address (layer or release index), or with another size/key
+    on = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0, insecure_seed=9), prefetch=True)
+    off = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0, insecure_seed=9), prefetch=False)
+    a, b = _steps(on, 4), _steps(off, 4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    st = on.noise_stats()
+    assert st["hits"] + st["late"] >= 8 and st["prefetched_samples"] > 0 and st["background_s"] > 0
+    assert st["samples"] == st["inline_samples"] + st["prefetched_samples"] and st["releases"] == 12
+    assert off.noise_stats()["hits"] == 0 and off._pool is None  # off: no thread at all
+    assert float(torch.cat([x.flatten() for x in a]).std()) == pytest.approx(1.0, rel=0.01)
+
+
+def test_prefetched_draws_are_never_handed_out_twice() -> None:
+    # catches: a pending draw used for two releases, or a reused buffer handed out before it was refilled
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True)
+    outs = _steps(mech, 5)
+    assert mech.noise_stats()["hits"] + mech.noise_stats()["late"] >= 10
+    heads = [tuple(o.flatten()[:8].tolist()) for o in outs]
+    assert len(set(heads)) == len(heads)
+    flat = [o.flatten()[:4000].double() for o in outs]
+    for i in range(len(flat)):
+        for j in range(i):
+            assert abs(float(torch.corrcoef(torch.stack([flat[i], flat[j]]))[0, 1])) < 0.1, (i, j)
+
+
+def test_releases_never_alias_the_reused_noise_buffers() -> None:
+    # catches: a release returned as a view of a noise buffer (the next prefetch would overwrite it)
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True)
+    outs = _steps(mech, 2)
+    kept = [o.clone() for o in outs]
+    _steps(mech, 2)
+    assert all(torch.equal(o, k) for o, k in zip(outs, kept))
+
+
+def test_prefetched_noise_never_reaches_the_state_and_rekey_drops_it() -> None:
+    # catches: pending noise written to a checkpoint, or a draw prefetched under the old key used after resume
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True)
+    _steps(mech, 2)
+    mech(torch.zeros(_LAYERS["a"]), layer="a")  # now "b" is pending
+    pending = mech._pending["b"]
+    pending.future.result()
+    ahead = pending.buf[: pending.n].clone()
+    state = mech.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert mech._rng._key not in buf.getvalue() and ahead[:8].numpy().tobytes() not in buf.getvalue()
+    mech.load_state_dict(state)  # same counters, new key: "b" would be asked at the pending address
+    assert not mech._pending
+    got = mech(torch.zeros(_LAYERS["b"]), layer="b").double().flatten()
+    assert not torch.allclose(got.sort().values, ahead.sort().values)
+
+
+def test_prefetch_off_switches_and_stats_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYMML_NOISE_PREFETCH", "0")
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0))
+    _steps(mech, 2)
+    assert mech.noise_stats()["prefetched_samples"] == 0 and not mech.generator_info()["prefetch"]
+    monkeypatch.delenv("ASYMML_NOISE_PREFETCH")
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0))
+    _steps(mech, 2)
+    assert mech.noise_stats()["prefetched_samples"] > 0
+    mech.set_prefetch(False)
+    assert not mech._pending
+    mech.reset_noise_stats()
+    _steps(mech, 1)
+    st = mech.noise_stats()
+    assert st["prefetched_samples"] == 0 and st["misses"] == 3 and st["critical_s"] > 0
+    mech.close()
+    assert mech.noise_stats()["buffer_bytes"] == 0
+    _steps(mech, 1)  # still usable after close()
+
+
+def test_prefetch_respects_the_buffer_budget() -> None:
+    # a budget below one release: nothing is prefetched, every draw is inline, nothing is kept
+    small = 8 * 4 * 16 * 20 * 20 - 1
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True, prefetch_bytes=small)
+    _steps(mech, 3)
+    st = mech.noise_stats()
+    assert st["prefetched_samples"] == 0 and st["skipped"] > 0 and st["buffer_bytes"] <= small
+
+
+def test_noise_for_any_layout_and_thread_count() -> None:
+    # channels-last, non-contiguous and small-sample releases; two generation threads give the same noise
+    cfg = NoiseConfig(sigma=2.0, clip=0.5, insecure_seed=1)
+    x = torch.randn(4, 8, 30, 30) * 10
+    one = ReleaseMechanism(cfg, threads=1, prefetch=False)(x.contiguous(memory_format=torch.channels_last), layer="l")
+    two = ReleaseMechanism(cfg, threads=2, prefetch=False)(x.contiguous(memory_format=torch.channels_last), layer="l")
+    assert torch.equal(one, two) and one.is_contiguous(memory_format=torch.channels_last)
+    t = ReleaseMechanism(cfg)(x.transpose(2, 3), layer="l")
+    assert t.shape == (4, 8, 30, 30)
+    for out in (one, t):
+        noise = out - clip_per_sample(x if out is one else x.transpose(2, 3), 0.5)
+        assert float(noise.std()) == pytest.approx(1.0, rel=0.03)
+    with pytest.raises(ValueError, match="threads"):
+        ReleaseMechanism(cfg, threads=0)
+    with pytest.raises(ValueError, match="draws"):
+        ReleaseMechanism(cfg, draws=0)
