@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, register_flop_formula, shape_wrapper
@@ -294,3 +297,208 @@ class Profile:
 
     def json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=float)
+
+
+# ------------------------------------------------------------------------------- runtime observers
+# The runtime reports what it does to one Recorder (its own bookkeeping: per-layer times, FLOPs and the
+# trusted memory meter when counting is on, release statistics) and the Recorder tells any attached
+# RuntimeObserver. The algorithm code opens spans; it never reads a clock or a counter itself.
+
+#: ``torch.profiler.record_function`` labels the runtime opens while a torch profiler is running
+#: (and only then): what :mod:`asymml.bench.attribution` charges each aten op to.
+LABELS: dict[str, str] = {
+    "decompose": "asymml::decompose",
+    "decomposed": "asymml::decomposed",
+    "release": "asymml::release",
+    "trusted_op": "asymml::trusted_op",
+    "region.forward": "asymml::region.forward",
+    "region.backward": "asymml::region.backward",
+    "conv.trusted_forward": "asymml::conv.trusted_forward",
+    "conv.input_grad": "asymml::conv.input_grad",
+    "conv.param_grads": "asymml::conv.param_grads",
+    "rule.trusted_forward": "asymml::rule.trusted_forward",
+    "rule.input_grad": "asymml::rule.input_grad",
+    "rule.param_grads": "asymml::rule.param_grads",
+}
+
+_NULL = nullcontext()  # reusable: what a span costs when nobody looks
+_profiler_on = torch.autograd._profiler_enabled  # one C call (~0.1 µs)
+
+
+class RuntimeObserver:
+    """What the split runtime tells an observer (attach with :meth:`asymml.SplitModule.add_observer`).
+
+    Every method is a no-op here; override the ones you need. Times are trusted-side seconds, without the
+    time the trusted thread was blocked on the accelerator."""
+
+    def region(self, phase: str, layer: str, seconds: float) -> None:
+        """A split region ran its ``phase`` (``"forward"`` or ``"backward"``)."""
+
+    def trusted_op(self, layer: str, seconds: float) -> None:
+        """A graph node ran in the trusted context (a non-linear op, or a layer kept trusted)."""
+
+    def split_point(self, layer: str, rank: int, energy_ratio: Tensor) -> None:
+        """An activation was split at ``rank`` (full rank: kept trusted, nothing released)."""
+
+    def released(self, tensor: Tensor, layer: str, kind: str) -> None:
+        """``tensor`` (after clipping and noise) was handed to the executor."""
+
+
+class _Timed:
+    """A span that adds its elapsed trusted time (without blocked waits) to a layer's profile."""
+
+    __slots__ = ("rec", "layer", "kind", "phase", "label", "count", "meter", "t0", "blocked", "elapsed", "_fc",
+                 "_lp")
+
+    def __init__(self, rec: Recorder, layer: str, kind: str, phase: str, label: str | None, count: bool,
+                 meter: bool) -> None:
+        self.rec, self.layer, self.kind, self.phase, self.label = rec, layer, kind, phase, label
+        self.count, self.meter = count, meter
+        self.blocked = 0.0
+        self.elapsed = 0.0
+        self._fc: Any = None
+
+    def __enter__(self) -> _Timed:
+        rec = self.rec
+        self._lp = rec.layer(self.layer, self.kind)
+        if self.label is not None and _profiler_on():
+            self.label = torch.profiler.record_function(LABELS[self.label])
+            self.label.__enter__()
+        else:
+            self.label = None
+        if self.count and rec.counting:
+            self._fc = FlopCounterMode(display=False)
+            self._fc.__enter__()
+            if self.meter:
+                rec.meter.__enter__()
+            else:
+                self.meter = False
+        else:
+            self.meter = False
+        self.t0 = time.perf_counter()
+        return self
+
+    def wait(self, fut: Any) -> Any:
+        """``fut.result()``, its wait counted as blocked time (not trusted time)."""
+        t0 = time.perf_counter()
+        res = fut.result()
+        self.blocked += time.perf_counter() - t0
+        return res
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        t1 = time.perf_counter()
+        rec = self.rec
+        if self.meter:
+            rec.meter.__exit__(exc_type, exc, tb)
+        if self._fc is not None:
+            self._fc.__exit__(exc_type, exc, tb)
+        if self.label is not None:
+            self.label.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return
+        self.elapsed = t1 - self.t0 - self.blocked
+        lp = self._lp
+        if self.phase == "decompose":
+            lp.decompose_s += self.elapsed
+            return
+        lp.trusted_s[self.phase] = lp.trusted_s.get(self.phase, 0.0) + self.elapsed
+        if self._fc is not None:
+            lp.trusted_flops += self._fc.get_total_flops()
+        rec.blocked_s += self.blocked
+        for obs in rec.observers:
+            if self.kind == "split":
+                obs.region(self.phase, self.layer, self.elapsed)
+            else:
+                obs.trusted_op(self.layer, self.elapsed)
+
+
+class Recorder:
+    """The split runtime's bookkeeping, in one place: per-layer trusted times (always; two clock reads a
+    span), FLOPs and trusted peak memory (only while counting is on: :meth:`set_counting`), release
+    statistics, ``record_function`` labels (only while a torch profiler runs), and the attached
+    :class:`RuntimeObserver` objects."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerProfile] = {}
+        self.blocked_s = 0.0
+        self.counting = False
+        self.meter: TrustedMemoryMeter | None = None
+        self.release_stats: dict[str, dict[str, Any]] = {}
+        self.observers: list[RuntimeObserver] = []
+
+    # ------------------------------------------------------------------ switches
+    def set_counting(self, on: bool) -> None:
+        """Count FLOPs and trusted memory from now on (costs dispatch overhead) or stop counting."""
+        self.counting = on
+        if on and self.meter is None:
+            self.meter = TrustedMemoryMeter()
+
+    def reset(self) -> None:
+        """Forget the per-layer figures (the meter's peak restarts from what is live now)."""
+        self.layers.clear()
+        self.blocked_s = 0.0
+        if self.meter is not None:
+            self.meter.peak = self.meter.current
+
+    def layer(self, name: str, kind: str) -> LayerProfile:
+        """The profile of layer ``name`` (created with ``kind`` on first use)."""
+        lp = self.layers.get(name)
+        if lp is None:
+            lp = self.layers[name] = LayerProfile(name, kind)
+        return lp
+
+    # ------------------------------------------------------------------ spans the runtime opens
+    def region(self, layer: str, phase: str) -> _Timed:
+        """One split region's ``phase`` (forward / backward): trusted time, FLOPs; in backward also the
+        memory meter (forward runs inside :meth:`forward_pass`'s)."""
+        return _Timed(self, layer, "split", phase, "region." + phase, True, phase == "backward")
+
+    def whole_model(self) -> _Timed:
+        """The model run as is, in the trusted context (trusted-only mode, or nothing split)."""
+        return _Timed(self, "model", "trusted", "forward", None, True, True)
+
+    def trusted_op(self, layer: str) -> _Timed:
+        """One graph node run in the trusted context."""
+        return _Timed(self, layer, "trusted", "forward", "trusted_op", False, False)
+
+    def decomposing(self, layer: str) -> _Timed:
+        """Decomposition and release of one input of region ``layer`` (its ``decompose_s``)."""
+        return _Timed(self, layer, "split", "decompose", None, False, False)
+
+    def forward_pass(self, x: Tensor) -> Any:
+        """A split forward: counted by the memory meter (with ``x``) while counting is on."""
+        if not self.counting:
+            return _NULL
+        self.meter.add(x)
+        return self.meter
+
+    def label(self, what: str) -> Any:
+        """A ``record_function`` label for ``what`` (a key of :data:`LABELS`) while a torch profiler runs,
+        else a shared no-op context."""
+        return torch.profiler.record_function(LABELS[what]) if _profiler_on() else _NULL
+
+    # ------------------------------------------------------------------ events
+    def split_point(self, region: str | None, layer: str, rank: int, energy_ratio: Tensor) -> None:
+        """Activation ``layer`` (read by ``region``; ``None``: not a split region) split at ``rank``."""
+        self.release_stats[layer] = {"rank": rank, "energy_ratio": energy_ratio}
+        if region is not None:
+            lp = self.layers.get(region)
+            if lp is not None:
+                lp.rank = rank
+                lp.energy_ratio = float(energy_ratio.mean())
+        for obs in self.observers:
+            obs.split_point(layer, rank, energy_ratio)
+
+    def released(self, tensor: Tensor, layer: str, kind: str) -> None:
+        """``tensor`` went to the executor. Forward releases leave the trusted memory count (they live
+        outside the enclave from now on); backward ones are counted as before, as trusted."""
+        if self.meter is not None and kind in ("residual", "activation"):
+            self.meter.mark_public(tensor)
+        for obs in self.observers:
+            obs.released(tensor, layer, kind)
+
+    def kept_trusted(self, region: str) -> None:
+        """Region ``region`` ran as plain PyTorch ops (no input split)."""
+        lp = self.layers.get(region)
+        if lp is not None and lp.kind == "split":
+            lp.kind = "trusted"

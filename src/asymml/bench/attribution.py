@@ -1,23 +1,24 @@
-"""Where the trusted time goes: one step under ``torch.profiler`` with the engine's entry points labelled.
+"""Where the trusted time goes: one step under ``torch.profiler``, charged to the engine's own labels.
 
-The engine's functions (decomposition, the split rules' trusted forward / input-gradient / weight-gradient,
-the trusted non-linear ops, region bodies, releases) are wrapped in ``record_function`` for the duration of
-one step, then restored. Every aten op's *self* CPU time in the trusted thread is charged to the innermost
-labelled function it ran under (ops inside autograd nodes of trusted non-linear ops go to
-``non-linear bwd``) and classified by kind (convolution, GEMM, copy, element-wise, …). Time the profiler
-does not see as an op (Python, dispatch, waiting) is the difference to the step's trusted time.
+While a torch profiler runs, the split runtime opens ``record_function`` labels around its steps
+(:data:`asymml.profiling.LABELS`: decomposition, the split rules' trusted forward / input-gradient /
+weight-gradient, the trusted non-linear ops, region bodies, releases); nothing is patched. Every aten op's
+*self* CPU time in the trusted thread is charged to the innermost label it ran under (ops inside autograd
+nodes of trusted non-linear ops go to ``non-linear bwd``) and classified by kind (convolution, GEMM,
+copy, element-wise, …). Time the profiler does not see as an op (Python, dispatch, waiting) is the
+difference to the step's trusted time.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..profiling import LABELS
 
 OP_CLASSES: dict[str, tuple[str, ...]] = {
     "conv": ("convolution", "mkldnn_convolution", "convolution_backward", "conv2d", "_convolution",
@@ -30,19 +31,20 @@ OP_CLASSES: dict[str, tuple[str, ...]] = {
     "pool": ("pool",),
     "random": ("normal_", "randn", "uniform_", "bernoulli"),
 }
+#: attribution category -> the runtime's label (asymml.profiling.LABELS) it collects
 CATEGORY_LABELS = {
-    "decompose": "asymml::decompose",
-    "conv fwd": "asymml::conv.trusted_forward",
-    "conv input-grad": "asymml::conv.input_grad",
-    "conv weight-grad": "asymml::conv.param_grads",
-    "other split fwd": "asymml::rule.trusted_forward",
-    "other split input-grad": "asymml::rule.input_grad",
-    "other split weight-grad": "asymml::rule.param_grads",
-    "non-linear fwd": "asymml::trusted_op",
-    "region fwd glue (merge)": "asymml::region.forward",
-    "region bwd glue (merge, accumulate)": "asymml::region.backward",
-    "release (+noise)": "asymml::release",
-    "decompose glue": "asymml::decomposed",
+    "decompose": LABELS["decompose"],
+    "conv fwd": LABELS["conv.trusted_forward"],
+    "conv input-grad": LABELS["conv.input_grad"],
+    "conv weight-grad": LABELS["conv.param_grads"],
+    "other split fwd": LABELS["rule.trusted_forward"],
+    "other split input-grad": LABELS["rule.input_grad"],
+    "other split weight-grad": LABELS["rule.param_grads"],
+    "non-linear fwd": LABELS["trusted_op"],
+    "region fwd glue (merge)": LABELS["region.forward"],
+    "region bwd glue (merge, accumulate)": LABELS["region.backward"],
+    "release (+noise)": LABELS["release"],
+    "decompose glue": LABELS["decomposed"],
 }
 _LABEL_TO_CAT = {v: k for k, v in CATEGORY_LABELS.items()}
 
@@ -57,53 +59,13 @@ def op_class(name: str) -> str:
     return "elementwise/other"
 
 
-def _wrap(stack: ExitStack, obj: Any, attr: str, label: str) -> None:
-    if attr not in vars(obj):
-        return
-    orig = vars(obj)[attr]
-    fn = orig.__func__ if isinstance(orig, staticmethod) else orig
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with torch.profiler.record_function(label):
-            return fn(*args, **kwargs)
-
-    setattr(obj, attr, staticmethod(wrapped) if isinstance(orig, staticmethod) else wrapped)
-    stack.callback(setattr, obj, attr, orig)
-
-
-@contextmanager
-def labelled_engine() -> Iterator[None]:
-    """Temporarily label the engine's entry points with ``record_function`` (restored on exit)."""
-    from .. import rules, runtime
-    from ..executors import local
-
-    with ExitStack() as stack:
-        _wrap(stack, runtime, "decompose", CATEGORY_LABELS["decompose"])
-        insts = [*rules.REGISTRY_MODULES.values(), *rules.REGISTRY_FUNCTIONS.values(),
-                 *rules.REGISTRY_METHODS.values()]
-        classes = {k for i in insts for k in type(i).__mro__ if isinstance(k, type) and issubclass(k, rules.SplitRule)}
-        for klass in classes:
-            conv = issubclass(klass, rules.Conv2dRule)
-            for attr, cat in (("trusted_forward", "fwd"), ("input_grad", "input-grad"),
-                              ("param_grads", "weight-grad")):
-                _wrap(stack, klass, attr, CATEGORY_LABELS[f"conv {cat}" if conv else f"other split {cat}"])
-        _wrap(stack, runtime.SplitModule, "_run_trusted", CATEGORY_LABELS["non-linear fwd"])
-        _wrap(stack, runtime.SplitModule, "_decomposed", CATEGORY_LABELS["decompose glue"])
-        _wrap(stack, runtime.SplitModule, "_decompose_grad", CATEGORY_LABELS["decompose glue"])
-        _wrap(stack, runtime._RegionCall, "forward", CATEGORY_LABELS["region fwd glue (merge)"])
-        _wrap(stack, runtime._RegionCall, "backward", CATEGORY_LABELS["region bwd glue (merge, accumulate)"])
-        _wrap(stack, local.LocalExecutor, "release", CATEGORY_LABELS["release (+noise)"])
-        yield
-
-
 def _category(ev: Any) -> str:
     q = ev.cpu_parent
     while q is not None:
         cat = _LABEL_TO_CAT.get(q.name)
         if cat is not None:
             return cat
-        if q.name.startswith("autograd::engine::evaluate_function") and "_RegionFunction" not in q.name:
+        if q.name.startswith("autograd::engine::evaluate_function") and "RegionFunction" not in q.name:
             return "non-linear bwd (autograd)"
         q = q.cpu_parent
     return "outside (loss, autograd glue)"
@@ -112,7 +74,7 @@ def _category(ev: Any) -> str:
 def attribute(step: Callable[[], Any]) -> dict[str, Any]:
     """Run ``step`` once under the profiler; returns ``{"by_category": {cat: {op_class: s}}, "op_s",
     "top_ops", "step_wall_s"}`` for the calling (trusted) thread."""
-    with labelled_engine(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         step()
         wall = time.perf_counter() - t0
@@ -128,7 +90,7 @@ def attribute(step: Callable[[], Any]) -> dict[str, Any]:
     ops: dict[str, float] = defaultdict(float)
     for e in events:
         if e.thread != tid or e.name in labels or e.name.startswith("autograd::engine") or \
-                e.name.endswith("Backward0") or e.name.startswith(("_RegionFunction", "torch::autograd")):
+                e.name.endswith("Backward0") or e.name.startswith(("RegionFunction", "torch::autograd")):
             continue
         s = e.self_cpu_time_total / 1e6
         by_cat[_category(e)][op_class(e.name)] += s
