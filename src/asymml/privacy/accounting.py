@@ -85,6 +85,20 @@ def _check_count(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
+def _check_eps_error(eps_error: float) -> float:
+    if isinstance(eps_error, bool) or not eps_error > 0:
+        raise ValueError(f"eps_error must be > 0 (got {eps_error!r})")
+    return float(eps_error)
+
+
+def _append_run(groups: list[Any], group: Any, steps: int) -> None:
+    """Append ``group`` (a run of ``steps`` identical steps), or lengthen the last run if it is the same."""
+    if groups and groups[-1].same_as(group):
+        groups[-1].steps += steps
+    else:
+        groups.append(group)
+
+
 def combine_noise_multipliers(multipliers: Iterable[float]) -> float:
     """Multiplier of the single Gaussian mechanism equivalent to composing Gaussians with ``multipliers``.
 
@@ -146,9 +160,7 @@ class PrivacyLedgerAccountant:
     ) -> None:
         self.mechanism = _check_mechanism(mechanism)
         self.adjacency = _check_adjacency(adjacency)
-        if not eps_error > 0:
-            raise ValueError(f"eps_error must be > 0 (got {eps_error!r})")
-        self.eps_error = float(eps_error)
+        self.eps_error = _check_eps_error(eps_error)
         self._groups: list[_Group] = []
         self._last_method: str | None = None
 
@@ -184,10 +196,7 @@ class PrivacyLedgerAccountant:
             adjacency=self.adjacency,
             steps=steps,
         )
-        if self._groups and self._groups[-1].same_as(group):
-            self._groups[-1].steps += steps
-        else:
-            self._groups.append(group)
+        _append_run(self._groups, group, steps)
 
     @property
     def steps(self) -> int:
@@ -490,9 +499,7 @@ class PrivacyLedger:
     def __init__(self, accountant: str = "rdp", *, adjacency: str = "zero-out", eps_error: float = 0.01) -> None:
         self.accountant = _check_mechanism(accountant)
         self.adjacency = _check_adjacency(adjacency)
-        if not eps_error > 0:
-            raise ValueError(f"eps_error must be > 0 (got {eps_error!r})")
-        self.eps_error = float(eps_error)
+        self.eps_error = _check_eps_error(eps_error)
         self._groups: list[_LedgerGroup] = []
         self.unnoised = 0
         self._last_method: str | None = None
@@ -521,10 +528,7 @@ class PrivacyLedger:
             return
         group = _LedgerGroup(counts={k: len(v) for k, v in sig.items()}, sigmas=sig, sample_rate=float(sample_rate),
                              amplified=amplified, steps=steps)
-        if self._groups and self._groups[-1].same_as(group):
-            self._groups[-1].steps += steps
-        else:
-            self._groups.append(group)
+        _append_run(self._groups, group, steps)
 
     @property
     def steps(self) -> int:
