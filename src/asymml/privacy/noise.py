@@ -247,7 +247,8 @@ def per_sample_norms(r: Tensor) -> Tensor:
     """L2 norm of each sample (dim 0) of ``r``, as a float32 (or float64) tensor of shape ``(B,)``."""
     if r.dim() == 0:
         raise ValueError("expected a tensor with a leading sample dimension, got a scalar")
-    flat = r.reshape(r.shape[0], -1)
+    mem = _memory_order(r)  # the norm does not depend on the layout: no copy of a channels-last release
+    flat = mem.view(r.shape[0], -1) if mem is not None else r.reshape(r.shape[0], -1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     return torch.linalg.vector_norm(flat, ord=2, dim=1)
@@ -508,7 +509,8 @@ class ReleaseMechanism:
         buf = self._take(layer, index, n, draws)
         t1 = time.perf_counter()
         try:
-            out = _add_noise(r, scale, std, buf[:n])
+            pool = self._executor() if self._threads > 1 else None
+            out = _add_noise(r, scale, std, buf[:n], executor=pool, parts=self._threads)
         finally:
             self._give_back(buf)
         t2 = time.perf_counter()
@@ -571,7 +573,8 @@ class ReleaseMechanism:
     def _executor(self) -> ThreadPoolExecutor:
         with self._plock:
             if self._pool is None or self._pool_pid != os.getpid():  # (a forked child has no threads)
-                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="asymml-noise")
+                # one thread for prefetch + threads - 1 helpers of the caller (inline draws, adding noise)
+                self._pool = ThreadPoolExecutor(max_workers=self._threads + 1, thread_name_prefix="asymml-noise")
                 self._pool_pid = os.getpid()
                 self._pending.clear()
             return self._pool
@@ -579,11 +582,9 @@ class ReleaseMechanism:
     def _acquire(self, n: int, *, force: bool) -> Tensor | None:
         """A free float64 buffer of >= n elements (best fit), else a new one if the budget allows (always when
         ``force``: an inline draw must happen).  Caller holds ``_plock``."""
-        fits = [b for b in self._free if b.numel() >= n]
-        if fits:
-            b = min(fits, key=lambda t: t.numel())
-            self._free.remove(b)
-            return b
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
+        if fits:  # (by position: list.remove would compare tensors element-wise)
+            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         while self._free and self._held_bytes + 8 * n > self._budget:  # make room: drop unsuitable buffers
             self._held_bytes -= 8 * self._free.pop(0).numel()
         if not force and self._held_bytes + 8 * n > self._budget:
@@ -746,10 +747,12 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor) -> Tensor:
+def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor, *, executor: ThreadPoolExecutor | None = None,
+               parts: int = 1) -> Tensor:
     """``r_b * scale_b + std * noise`` per sample ``b``, computed in float64 and rounded once to ``r.dtype``,
     as a new tensor in ``r``'s memory format.  ``noise``: float64, ``r.numel()`` elements, applied in memory
-    order (the elements are i.i.d., so the layout does not matter).  Cache-sized chunks on the CPU."""
+    order (the elements are i.i.d., so the layout does not matter).  Cache-sized chunks on the CPU, shared
+    out between the caller and ``parts - 1`` tasks on ``executor`` when one is given."""
     shape_b = (-1,) + (1,) * (r.dim() - 1)
     if r.requires_grad and torch.is_grad_enabled() or r.device.type != "cpu" or not r.is_floating_point():
         # differentiable / other devices: whole-tensor ops (noise added in float64, rounded once)
@@ -777,16 +780,24 @@ def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor) -> Tensor:
             torch.mul(src[lo:hi], sc[b], out=dst[lo:hi])
             dst[lo:hi].add_(noise[lo:hi], alpha=std)
         return out
-    tmp = _SCRATCH.tmp
-    for b in range(b_count):
-        sb = sc[b]
-        for lo in range(b * d, (b + 1) * d, _COMBINE_ELEMS):
-            hi = min(lo + _COMBINE_ELEMS, (b + 1) * d)
+    chunks = [(lo, min(lo + _COMBINE_ELEMS, (b + 1) * d), sc[b])
+              for b in range(b_count) for lo in range(b * d, (b + 1) * d, _COMBINE_ELEMS)]
+
+    def run(part: list[tuple[int, int, float]]) -> None:
+        tmp = _SCRATCH.tmp
+        for lo, hi, sb in part:
             t = tmp[: hi - lo]
             t.copy_(src[lo:hi])
             if sb != 1.0:
                 t.mul_(sb)
             t.add_(noise[lo:hi], alpha=std)
             dst[lo:hi].copy_(t)
+
+    k = max(1, min(parts, len(chunks))) if executor is not None else 1
+    cut = [len(chunks) * i // k for i in range(k + 1)]
+    futures = [executor.submit(run, chunks[cut[i] : cut[i + 1]]) for i in range(1, k)] if executor is not None else []
+    run(chunks[cut[0] : cut[1]])
+    for f in futures:
+        f.result()
     return out
 
