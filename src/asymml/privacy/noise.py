@@ -28,12 +28,18 @@ releases of a sample.  ``sigma_eff`` comes from exactly one of three options:
     accuracy usually buys a very large epsilon.  The accountant reports it honestly.
 
 Noise source: every mechanism owns a :class:`~asymml.privacy.secure_rng.SecureGenerator` (ChaCha20 under a
-256-bit key from the OS; hardened float64 Box–Muller Gaussians as Opacus' ``secure_mode``).  The key is never
-in :meth:`ReleaseMechanism.state_dict` or a checkpoint, so a resumed run draws fresh noise.  Each release is
-an addressed draw ``(layer, release index of that layer)``.  ``NoiseConfig(insecure_seed=s)`` (or
-:meth:`ReleaseMechanism.set_insecure_seed`) makes the noise reproducible for experiments -- and removable
-by anyone who knows ``s``: it warns (:class:`~asymml.privacy.secure_rng.InsecureNoiseWarning`) and
-:attr:`ReleaseMechanism.secure` is False.
+256-bit key from the OS).  The noise is float64, added to the float64 value of the clipped release and rounded
+once to the release dtype: one Box–Muller draw per element for float32/float16/bfloat16 releases, the sum of
+four (Opacus' ``secure_mode``) for float64 releases -- see :mod:`asymml.privacy.secure_rng` for what each
+defends against.  The key is never in :meth:`ReleaseMechanism.state_dict` or a checkpoint, so a resumed run
+draws fresh noise.  Each release is an addressed draw ``(layer, release index of that layer)``, which is what
+lets the mechanism generate the next release's noise ahead, in the background, and still hand out exactly the
+numbers an inline draw would (:meth:`ReleaseMechanism.noise_stats` says how much of the cost that hid).
+``NoiseConfig(insecure_seed=s)`` (or :meth:`ReleaseMechanism.set_insecure_seed`) makes the noise reproducible
+for experiments -- and removable by anyone who knows ``s``: it warns
+(:class:`~asymml.privacy.secure_rng.InsecureNoiseWarning`) and :attr:`ReleaseMechanism.secure` is False.
+Reproducible noise is also tied to the release's memory layout (noise is laid over the elements in memory
+order).
 
 Clip ``c``: a fixed float, or ``"auto"`` / ``"auto:q"`` -- adaptive, per layer, the exponential moving
 average of the ``q``-quantile (default 0.5) of the per-sample norms of that layer's recent releases.

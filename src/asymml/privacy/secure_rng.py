@@ -23,18 +23,47 @@ inside the clip bound and subtracts the noise exactly.
     sampling amplification or a DP guarantee against a party that may know the seed.
 
 Gaussians (:meth:`SecureGenerator.standard_normal`)
-    52-bit uniforms ``u = (k + 0.5) / 2^52`` in the open interval (0, 1) from 64-bit keystream words, then
-    Box–Muller in float64 (both outputs used).  **Floating-point hardening** as Opacus' ``secure_mode``
-    (``opacus.optimizers.optimizer._generate_noise``; Holohan et al., arXiv:2107.10138 §5.1): each output
-    is the sum of ``2n = 4`` independent Gaussians divided by 2 (still exactly N(0, 1)).  A single
-    floating-point Gaussian sample only takes values from a sparse, input-dependent set of doubles, which
-    lets an observer of ``x + noise`` test candidate ``x`` (Mironov-style attacks on the low bits); summing
-    four draws makes that search cost ~2^159 instead of 2^53.  Everything is computed in float64 and cast
-    once, after the noise is added to the release (see the mechanism).  Box–Muller rather than torch's
-    ``normal_`` because torch's sampler cannot take an external uniform source; it is exact up to
-    float64 rounding of ``log``/``cos``/``sin``, with no rejection step whose timing could leak.
+    Box–Muller in float64 on the keystream, both outputs of each pair used: radius ``sqrt(-2 ln u1)`` with
+    ``u1 = (j + 1/2) 2^-62`` from 62 random bits (largest radius ``sqrt(126 ln 2) = 9.35``), angle ``2 pi v``
+    with ``v`` on the 2^52-point grid of [1, 2).  No rejection step (no timing that depends on the numbers); Box–Muller
+    rather than torch's ``normal_`` because torch's sampler cannot take an external uniform source.
+    Each output is the sum of ``draws`` such Gaussians divided by ``sqrt(draws)`` (still exactly N(0, 1)).
 
-Throughput (one thread, float32 output, 4 draws per element): see :func:`benchmark` and the report.
+    *Speed* (issue 11 item 5).  The work is cut into chunks of at most 32 760 elements that stay in cache and
+    run on one thread each (below torch's parallel grain), with per-thread scratch buffers reused from chunk
+    to chunk and the result written into a caller's reused buffer (``out=``).  Chunk ``c`` reads the keystream
+    at a fixed offset (ChaCha20's block counter), so a draw can be shared out between threads (``threads``,
+    ``executor``) and still give the same numbers.  Measured on this project's 2-core Xeon (AVX-512; one
+    thread, ``python scripts/bench_noise.py``): keystream ~1 ns per normal (ChaCha20 3.4 GB/s; AES-128-CTR with
+    AES-NI measured 3.5 GB/s here, no gain, so ChaCha20 stays: constant-time without AES-NI, 256-bit key);
+    1 draw ~130-150 M normals/s, 4 draws ~26 M/s, against 5-9 M/s for the previous whole-tensor float64 code
+    and ~107 M/s for ``torch.randn`` on one thread.  :class:`~asymml.privacy.noise.ReleaseMechanism` also
+    generates the next expected draw in the background (prefetch), off the trusted side's critical path.
+
+    *Floating-point hardening: what it defends against.*  A floating-point noise sample takes values in a
+    known, sparse set; an observer of ``fl(x + noise)`` can test a candidate ``x`` by asking whether
+    ``y - x`` is a reachable noise value (Mironov, CCS 2012; Holohan & Braghin, arXiv:2107.10138).  Noise
+    drawn and added in float32 is exposed: where ``y`` and ``x`` are close (Sterbenz: ``y - x`` is exact) and
+    where scaling by ``sigma * c`` leaves gaps in the float32 grid, a wrong candidate is rejected with
+    constant probability per element, and a release has millions of elements.  Two defences are used:
+
+    * float32 / float16 / bfloat16 releases (everything the split releases): the noise is float64 from 52-
+      and 62-bit inputs, added to the float64 value of the clipped release and rounded **once** to the
+      release dtype (``draws=1``).  The reachable set of ``x + noise`` is then at least 2^29 times denser than
+      the float32 grid, except for outputs within ~2^-29 noise standard deviations of zero (probability
+      ~1e-9 per element), so every candidate ``x`` stays consistent with the output and each float32 value's
+      probability is the Gaussian mass of its rounding cell to a relative 2^-29.
+    * float64 releases, and :meth:`SecureGenerator.standard_normal`'s default (DP-SGD update noise):
+      ``draws = HARDENING_DRAWS = 4``, Opacus' ``secure_mode`` (``opacus.optimizers.optimizer._generate_noise``):
+      there the output grid is as fine as the noise's own, and summing four draws makes the reachable-set
+      search cost ~2^159 instead of 2^53.
+
+    What the single draw gives up against four: that margin for float64 outputs (hence four draws there), and
+    tail reach.  One draw is truncated at 9.35 standard deviations (four: 17): a neighbour that differs by the
+    whole clip ``c`` in one element makes outputs that one of the two inputs cannot produce, with probability
+    ``P(Z > 9.35 - 1/sigma)`` per release -- 4e-17 at ``sigma = 1``, 1e-13 at 0.5, 9e-10 at 0.3 -- a term to
+    add to ``delta`` per release at small ``sigma``.  Neither variant defends against timing side channels of
+    the floating-point units (as before).
 """
 
 from __future__ import annotations
