@@ -402,3 +402,16 @@ def test_noise_for_any_layout_and_thread_count() -> None:
         ReleaseMechanism(cfg, threads=0)
     with pytest.raises(ValueError, match="draws"):
         ReleaseMechanism(cfg, draws=0)
+
+
+def test_inplace_release_overwrites_the_residual_with_the_same_release() -> None:
+    # catches: in-place noising that differs from the out-of-place release, or that silently allocates
+    x = torch.randn(3, 8, 20, 20).contiguous(memory_format=torch.channels_last) * 5
+    cfg = NoiseConfig(sigma=1.0, clip=2.0, insecure_seed=6)
+    ref = ReleaseMechanism(cfg)(x.clone(), layer="l")
+    y = x.clone()
+    got = ReleaseMechanism(cfg)(y, layer="l", inplace=True)
+    assert got is y and torch.equal(got, ref)
+    z = x.clone().requires_grad_()
+    out = ReleaseMechanism(cfg)(z, layer="l", inplace=True)  # autograd needs z: a new tensor
+    assert out is not z and torch.equal(z.detach(), x)

@@ -483,11 +483,14 @@ class ReleaseMechanism:
             return self._norms.get(layer, torch.empty(0)).clone()
 
     # ----------------------------------------------------------------- the release
-    def __call__(self, r: Tensor, *, layer: str, generator: SecureGenerator | torch.Generator | None = None) -> Tensor:
+    def __call__(self, r: Tensor, *, layer: str, generator: SecureGenerator | torch.Generator | None = None,
+                 inplace: bool = False) -> Tensor:
         """Clip and noise ``r`` (``(B, ...)``, dim 0 = sample) for release; returns a new tensor.
 
         Noise comes from the mechanism's own generator; ``generator`` overrides it for this call (a
-        ``torch.Generator`` is insecure and warns)."""
+        ``torch.Generator`` is insecure and warns).  ``inplace=True``: write the release over ``r`` and
+        return ``r`` (no new full-size tensor; for a residual nobody reads afterwards, e.g. the runtime's own;
+        ignored when ``r`` needs autograd)."""
         if not isinstance(r, Tensor) or r.dim() == 0:
             raise ValueError("release must be a tensor with a leading sample dimension")
         if not r.is_floating_point():
@@ -504,19 +507,21 @@ class ReleaseMechanism:
             return r.clone()
         scale = _clip_scale(norms, clip)
         std = multiplier * clip
+        inplace = inplace and not (r.requires_grad and torch.is_grad_enabled())
         if not (std > 0 and r.numel() > 0):
-            return r * scale.to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
+            scale_b = scale.to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
+            return r.mul_(scale_b) if inplace else r * scale_b
         draws = self._draws or (1 if r.dtype in _SINGLE_DRAW_DTYPES else HARDENING_DRAWS)
         if generator is not None or self._torch_generator is not None:  # an explicit source: inline, no prefetch
             noise = self._noise(r, generator, layer, index, draws)
-            return _add_noise(r, scale, std, noise.reshape(-1))
+            return _add_noise(r, scale, std, noise.reshape(-1), inplace=inplace)
         n = r.numel()
         t0 = time.perf_counter()
         buf = self._take(layer, index, n, draws)
         t1 = time.perf_counter()
         try:
             pool = self._executor() if self._threads > 1 else None
-            out = _add_noise(r, scale, std, buf[:n], executor=pool, parts=self._threads)
+            out = _add_noise(r, scale, std, buf[:n], executor=pool, parts=self._threads, inplace=inplace)
         finally:
             self._give_back(buf)
         t2 = time.perf_counter()
@@ -754,11 +759,11 @@ _SCRATCH = _Scratch()
 
 
 def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor, *, executor: ThreadPoolExecutor | None = None,
-               parts: int = 1) -> Tensor:
+               parts: int = 1, inplace: bool = False) -> Tensor:
     """``r_b * scale_b + std * noise`` per sample ``b``, computed in float64 and rounded once to ``r.dtype``,
-    as a new tensor in ``r``'s memory format.  ``noise``: float64, ``r.numel()`` elements, applied in memory
-    order (the elements are i.i.d., so the layout does not matter).  Cache-sized chunks on the CPU, shared
-    out between the caller and ``parts - 1`` tasks on ``executor`` when one is given."""
+    as a new tensor in ``r``'s memory format (``inplace``: over ``r``, CPU only).  ``noise``: float64,
+    ``r.numel()`` elements, applied in memory order (the elements are i.i.d., so the layout does not matter).
+    Cache-sized chunks on the CPU, shared out between the caller and ``parts - 1`` tasks on ``executor``."""
     shape_b = (-1,) + (1,) * (r.dim() - 1)
     if r.requires_grad and torch.is_grad_enabled() or r.device.type != "cpu" or not r.is_floating_point():
         # differentiable / other devices: whole-tensor ops (noise added in float64, rounded once)
@@ -766,12 +771,16 @@ def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor, *, executor:
         return (r.to(torch.float64) * scale.to(device=r.device, dtype=torch.float64).reshape(shape_b)
                 + std * noise.to(r.device)).to(r.dtype)
     src = _memory_order(r)
-    if src is None:
+    if src is None:  # neither contiguous nor channels-last: work on a dense copy, which is ours to overwrite
         r = r.contiguous()
         src = r.view(-1)
-    out = torch.empty_like(r)
-    dst = _memory_order(out)
-    assert dst is not None
+        inplace = True
+    if inplace:
+        out, dst = r, src
+    else:
+        out = torch.empty_like(r)
+        dst = _memory_order(out)
+        assert dst is not None
     b_count = r.shape[0]
     d = r.numel() // max(b_count, 1)
     if d < 4096:  # small samples: a few whole-tensor float64 ops beat a loop over samples
