@@ -33,7 +33,8 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +65,108 @@ class Fact:
     def dense(self) -> Tensor:
         return self.u.view(1, -1, 1, 1) * self.V
 
+    def with_u(self, u: Tensor) -> Fact:
+        """The same spatial factor with channel factor ``u``."""
+        return Fact(u, self.V)
 
-Val = Tensor | Fact | None
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _pull(v: Tensor, n_in: int, k: int, s: int, p: int, d: int) -> Tensor:
+    """``M[j, x] = Σ_y v[y]·[x = y·s + j·d − p]`` (k × n_in): a test vector over one spatial axis of a
+    convolution's output, moved to its input at kernel offset ``j`` (zero padding drops out)."""
+    y = torch.arange(v.shape[0])
+    M = torch.zeros(k, n_in, dtype=v.dtype)
+    for j in range(k):
+        x = y * s + j * d - p
+        ok = (x >= 0) & (x < n_in)
+        M[j, x[ok]] = v[ok]
+    return M
+
+
+def _push(v: Tensor, n_out: int, k: int, s: int, p: int, d: int) -> Tensor:
+    """``M[j, y] = v[y·s + j·d − p]`` (k × n_out, zero outside): a test vector over one spatial axis of a
+    convolution's input, seen from its output at kernel offset ``j``."""
+    x = torch.arange(n_out) * s - p
+    M = torch.zeros(k, n_out, dtype=v.dtype)
+    for j in range(k):
+        xj = x + j * d
+        ok = (xj >= 0) & (xj < v.shape[0])
+        M[j, ok] = v[xj[ok]]
+    return M
+
+
+@dataclass
+class Sep:
+    """A single-sample test tensor in separable form, ``value[0, c, h, w] = Σ_{i,j} K[c,i,j]·Mh[i,h]·Mw[j,w]``:
+    a fully rank-1 test tensor (k = 1), or one moved through a convolution in either direction (k = the
+    kernel size, see :func:`_pull`, :func:`_push`). Its inner product with a whole batch weighted by the
+    batch factor ``r`` is one matrix product over that batch (:func:`_sep_batch`): neither the moved test
+    tensor nor a batch-collapsed copy of the data is ever formed."""
+
+    K: Tensor   # (C, kh, kw)
+    Mh: Tensor  # (kh, H)
+    Mw: Tensor  # (kw, W)
+
+    @staticmethod
+    def rank1(u: Tensor, vh: Tensor, vw: Tensor) -> Sep:
+        return Sep(u.view(-1, 1, 1), vh.view(1, -1), vw.view(1, -1))
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(u, vh, vw)`` when rank-1 (k = 1)."""
+        if self.Mh.shape[0] == 1 and self.Mw.shape[0] == 1:
+            return self.K[:, 0, 0], self.Mh[0], self.Mw[0]
+        return None
+
+    def scaled(self, c: Tensor | float) -> Sep:
+        """Channel ``c`` times the value (a per-channel vector or a scalar)."""
+        return Sep(self.K * (c.view(-1, 1, 1) if isinstance(c, Tensor) else c), self.Mh, self.Mw)
+
+    def dense(self) -> Tensor:
+        return torch.einsum("cij,ih,jw->chw", self.K.double(), self.Mh.double(), self.Mw.double()).unsqueeze(0)
+
+    def fact(self) -> Fact | None:
+        f = self.factors()
+        return None if f is None else Fact(f[0], torch.outer(f[1], f[2]).view(1, 1, -1, f[2].shape[0]))
+
+
+def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]]) -> list[float]:
+    """``⟨r ⊗ S, t⟩`` for every ``(S, r)`` in ``items`` (``t``: (B, C, H, W), ``r``: (B,)): one matrix product
+    over ``t`` in its own memory layout for all items, then sums over (k, W, C)-sized results in float64."""
+    B, C, H, W = t.shape
+    out = []
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        # rows (b, h): L[(item, i), (b, h)] = r[b]·Mh[i, h]; then A = L @ t viewed as (B·H, W·C)
+        L = torch.cat([(r.view(1, -1, 1) * s.Mh.view(s.Mh.shape[0], 1, H)).reshape(s.Mh.shape[0], B * H)
+                       for s, r in items])
+        A = L.to(t.dtype) @ t.permute(0, 2, 3, 1).reshape(B * H, W * C)
+        off = 0
+        for s, _ in items:
+            kh = s.Mh.shape[0]
+            Ai = A[off:off + kh].view(kh, W, C).double()
+            off += kh
+            Z = torch.matmul(s.Mw.double(), Ai)                           # (kh, kw, C)
+            out.append(float((Z * s.K.double().permute(1, 2, 0)).sum()))
+        return out
+    tc = t.contiguous()
+    A = (tc.view(B * C * H, W) @ torch.cat([s.Mw for s, _ in items]).to(t.dtype).t()).view(B, C, H, -1)
+    off = 0
+    for s, r in items:
+        kw = s.Mw.shape[0]
+        Ai = A[..., off:off + kw].double()
+        off += kw
+        Z = (r.double() @ Ai.reshape(B, -1)).view(C, H, kw)                  # batch contracted
+        out.append(float((torch.matmul(s.Mh.double(), Z) * s.K.double()).sum()))  # (C, kh, kw)
+    return out
+
+
+Val = Tensor | Fact | Sep | None
 
 
 def _dense(v: Val) -> Tensor | None:
-    return v.dense() if isinstance(v, Fact) else v
+    return v.dense() if isinstance(v, (Fact, Sep)) else v
 
 
 def _acc(a: Val, b: Val) -> Val:
@@ -79,12 +176,16 @@ def _acc(a: Val, b: Val) -> Val:
         return a
     if isinstance(a, Fact) and isinstance(b, Fact) and a.u is b.u:
         return Fact(a.u, a.V + b.V)
+    if isinstance(a, Sep) and isinstance(b, Sep) and a.Mh is b.Mh and a.Mw is b.Mw:
+        return Sep(a.K + b.K, a.Mh, a.Mw)
     return _dense(a) + _dense(b)
 
 
 def _neg(v: Val) -> Val:
     if isinstance(v, Fact):
-        return Fact(-v.u, v.V)
+        return v.with_u(-v.u)
+    if isinstance(v, Sep):
+        return v.scaled(-1.0)
     return None if v is None else -v
 
 
@@ -122,15 +223,25 @@ def adjoint(program: list[Instr], params: dict[str, Tensor], seeds: dict[str, Va
         g = ct.get(ins.out)
         if g is None or shapes.get(ins.out) is None:
             continue
+        if isinstance(g, Sep) and ins.op not in ("identity", "scale", "bn_scale", "mul_const", "conv2d"):
+            g = g.fact() or g.dense()
         arg_shapes = [shapes.get(a) for a in ins.args]
         op = ins.op
         outs: list[Val]
         if op == "conv2d":
             W, kw = params[ins.params[0]], ins.kw
             xs = arg_shapes[0][0]
-            if isinstance(g, Fact) and kw.get("groups", 1) == 1:
-                wu = torch.einsum("o,oikl->ikl", g.u, W.to(g.u.dtype)).unsqueeze(0)
-                outs = [conv2d_input(xs, wu, g.V, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
+            f = g.factors() if isinstance(g, Sep) and kw.get("groups", 1) == 1 else None
+            if f is not None:  # rank-1 seed: the transpose stays separable (no convolution at all)
+                (s1, s2), (p1, p2), (d1, d2) = (_pair(kw.get(k, d)) for k, d in
+                                                (("stride", 1), ("padding", 0), ("dilation", 1)))
+                wu = (f[0].to(W.dtype) @ W.reshape(W.shape[0], -1)).view(W.shape[1:])
+                outs = [Sep(wu, _pull(f[1], xs[2], W.shape[2], s1, p1, d1), _pull(f[2], xs[3], W.shape[3], s2, p2, d2))]
+            elif isinstance(g, Fact) and kw.get("groups", 1) == 1:
+                # single-channel transposed convolution in float32 (the fast kernels; float64 convolutions
+                # take the slow reference path, and float32 is far below the check's tolerance)
+                wu = (g.u.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(1, *W.shape[1:]).float()
+                outs = [conv2d_input(xs, wu, g.V.float(), stride=kw.get("stride", 1), padding=kw.get("padding", 0),
                                      dilation=kw.get("dilation", 1))]
             else:
                 gd = _dense(g)
@@ -141,7 +252,8 @@ def adjoint(program: list[Instr], params: dict[str, Tensor], seeds: dict[str, Va
             outs = [(gd.to(W.dtype) @ W).to(gd.dtype)]
         elif op in ("scale", "bn_scale"):
             s = _scale_vec(ins, params)
-            outs = [Fact(g.u * s.to(g.u.dtype), g.V) if isinstance(g, Fact) else OPS["scale"](g, s.to(g.dtype))]
+            outs = [g.with_u(g.u * s.to(g.u.dtype)) if isinstance(g, Fact) else
+                    g.scaled(s.to(g.K.dtype)) if isinstance(g, Sep) else OPS["scale"](g, s.to(g.dtype))]
         elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(g, Fact):
             shp = arg_shapes[0][0]
             outs = [Fact(g.u, _generic_vjp(ins, g.V, (shp[0], 1, *shp[2:]), params))]
@@ -149,7 +261,7 @@ def adjoint(program: list[Instr], params: dict[str, Tensor], seeds: dict[str, Va
             outs = [g]
         elif op == "mul_const":
             c = ins.kw["c"]
-            outs = [Fact(g.u * c, g.V) if isinstance(g, Fact) else g * c]
+            outs = [g.with_u(g.u * c) if isinstance(g, Fact) else g.scaled(c) if isinstance(g, Sep) else g * c]
         elif op in ("add", "sub"):
             outs = []
             out_shape = shapes[ins.out][0]
@@ -191,11 +303,24 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
             y = None
         else:
             x = args[0]
-            if op == "conv2d":
+            if isinstance(x, Sep) and op not in ("conv2d", "scale", "bn_scale", "mul_const", "identity"):
+                x = x.fact() or x.dense()
+            f = x.factors() if isinstance(x, Sep) and op == "conv2d" and ins.kw.get("groups", 1) == 1 else None
+            if f is not None:  # rank-1 input: the convolution's output stays separable (no convolution at all)
                 W, kw = params[ins.params[0]], ins.kw
+                (s1, s2), (p1, p2), (d1, d2) = (_pair(kw.get(k, d)) for k, d in
+                                                (("stride", 1), ("padding", 0), ("dilation", 1)))
+                Wu = torch.einsum("oik,i->ok", W.reshape(*W.shape[:2], -1), f[0].to(W.dtype)).view(W.shape[0], *W.shape[2:])
+                oh, ow = shapes[ins.out][0][2:]
+                y = Sep(Wu, _push(f[1], oh, W.shape[2], s1, p1, d1), _push(f[2], ow, W.shape[3], s2, p2, d2))
+            elif op == "conv2d":
+                W, kw = params[ins.params[0]], ins.kw
+                if isinstance(x, Sep):
+                    x = x.fact() or x.dense()
                 if isinstance(x, Fact) and kw.get("groups", 1) == 1:
-                    wu = torch.einsum("oikl,i->okl", W.to(x.u.dtype), x.u).unsqueeze(1)
-                    y = F.conv2d(x.V, wu, None, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
+                    wu = torch.einsum("oik,i->ok", W.reshape(*W.shape[:2], -1), x.u.to(W.dtype))
+                    wu = wu.view(W.shape[0], 1, *W.shape[2:]).float()
+                    y = F.conv2d(x.V.float(), wu, None, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
                                  dilation=kw.get("dilation", 1))
                 else:
                     xd = _dense(x)
@@ -206,14 +331,15 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
                 y = F.linear(xd.to(W.dtype), W).to(xd.dtype)
             elif op in ("scale", "bn_scale"):
                 s = _scale_vec(ins, params)
-                y = Fact(x.u * s.to(x.u.dtype), x.V) if isinstance(x, Fact) else OPS["scale"](x, s.to(x.dtype))
+                y = (x.with_u(x.u * s.to(x.u.dtype)) if isinstance(x, Fact) else
+                     x.scaled(s.to(x.K.dtype)) if isinstance(x, Sep) else OPS["scale"](x, s.to(x.dtype)))
             elif op in ("avg_pool2d", "adaptive_avg_pool2d") and isinstance(x, Fact):
                 y = Fact(x.u, OPS[op](x.V, **ins.kw))
             elif op == "identity":
                 y = x
             elif op == "mul_const":
                 c = ins.kw["c"]
-                y = Fact(x.u * c, x.V) if isinstance(x, Fact) else x * c
+                y = x.with_u(x.u * c) if isinstance(x, Fact) else x.scaled(c) if isinstance(x, Sep) else x * c
             else:
                 xd = _dense(x)
                 y = OPS[op](xd, *[params[p].to(xd.dtype) for p in ins.params], **ins.kw)
@@ -242,19 +368,44 @@ def _chan(t: Tensor, M: Tensor) -> Tensor:
     return torch.matmul(M, t.reshape(B, C, H * W)).view(B, -1, H, W)
 
 
+def _dot(a: Tensor, b: Tensor) -> float:
+    """``⟨a, b⟩`` with the products in ``b``'s precision (float32 data stays float32: one pass, no
+    conversion copy) and the sum accumulated in float64 over rows of the last dimension."""
+    p = a.to(b.dtype) * b
+    if p.dim() >= 2:
+        return float(p.sum(-1).double().sum())
+    return float(p.double().sum())
+
+
+def _cvec(t: Tensor, u: Tensor) -> Tensor:
+    """``out[b, h, w] = Σ_c u[c] t[b, c, h, w]`` as one matrix-vector product in ``t``'s memory layout."""
+    u = u.to(t.dtype)
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1) @ u
+    B, C = t.shape[:2]
+    return (u @ t.reshape(B, C, -1)).view(B, *t.shape[2:])
+
+
 def _ip(s: Val, t: Tensor | None) -> float:
     """``⟨s, t⟩`` (``t`` already collapsed to the batch of ``s`` where that applies)."""
     if s is None or t is None:
         return 0.0
     if isinstance(s, Fact):
-        m = torch.einsum("bchw,c->bhw", t, s.u.to(t.dtype))
-        return float((m.double() * s.V[:, 0]).sum())
-    return float((s * t.to(s.dtype)).sum())
+        return float((_cvec(t, s.u).double() * s.V[:, 0]).sum())
+    if isinstance(s, Sep):
+        return _sep_batch(t, [(s, torch.ones(t.shape[0], dtype=torch.float64))])[0]
+    return _dot(s, t)
 
 
 def _norm2(t: Tensor | None) -> float:
-    """‖t‖² accumulated in float64 (no overflow for float32 data); NaN/Inf anywhere make it non-finite."""
-    return 0.0 if t is None else float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    """‖t‖²: one vectorized pass in the tensor's own precision; NaN/Inf anywhere make it non-finite. Only a
+    non-finite float32 result is recomputed in float64 (an honest overflow of the square sum is not NaN/Inf)."""
+    if t is None:
+        return 0.0
+    n = float(torch.linalg.vector_norm(t))
+    if not math.isfinite(n) and t.dtype != torch.float64:
+        n = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return n * n
 
 
 @dataclass
@@ -266,28 +417,80 @@ class _Forward:
     layer: str
     Rm: Tensor | None  # the batch projections (rounds × B) shared by this forward's checks
     value_exp: dict[str, list[tuple[Val, float]]] = field(default_factory=dict)
+    full: bool = True  # this job was drawn for the randomized checks (forward and backward alike)
+
+
+class _Batch:
+    """The inner products ``⟨r_k ⊗ S, t⟩`` one check needs, evaluated together: all separable test tensors
+    (every round, every output, every expected value) that meet the same tensor are applied in a single
+    matrix product over it (:func:`_sep_batch`), so each tensor that crosses is read once per check.
+    Anything else (dense or per-sample test tensors, 2-D data) is evaluated at once by the verifier."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.v = verifier
+        self.val: list[float] = []
+        self.pending: dict[int, tuple[Tensor, list[tuple[int, Sep, Tensor]]]] = {}
+
+    def add(self, s: Val, t: Tensor | None, Rm: Tensor | None, k: int) -> int:
+        """Ask for ``⟨Rm[k] ⊗ s, t⟩`` (``⟨s, t⟩`` when ``Rm`` is None); returns its index in :meth:`run`."""
+        i = len(self.val)
+        self.val.append(0.0)
+        if s is None or t is None:
+            return i
+        if isinstance(s, Sep) and Rm is not None and t.dim() == 4:
+            self.pending.setdefault(id(t), (t, []))[1].append((i, s, Rm[k]))
+        else:
+            self.val[i] = self.v._ipk(s, t, Rm, k)
+        return i
+
+    def run(self) -> list[float]:
+        for t, items in self.pending.values():
+            for (i, _, _), x in zip(items, _sep_batch(t, [(s, r) for _, s, r in items])):
+                self.val[i] = x
+        self.pending.clear()
+        return self.val
 
 
 class Verifier:
     """Checks every accelerator result of one executor; raises :class:`~asymml.errors.IntegrityError`.
 
+    Every reply gets the basic checks (names, shapes, dtypes, finiteness). The randomized (Freivalds)
+    checks run on every job of a layer when ``sample`` is 1; with ``sample`` < 1 on a secret random subset
+    of jobs (a job = one region's forward and its backward): every job of a layer during its first
+    ``warmup`` jobs, then each job independently with probability ``sample`` (drawn from the secret
+    generator, so the accelerator cannot tell which results will be checked), and always after
+    ``max_gap - 1`` unchecked jobs of that layer in a row. :meth:`detection_probability` states what that
+    means for a tampered result; :meth:`stats` reports how many jobs were checked and the time spent.
+
     Args:
         rounds: independent random test tensors per check (each multiplies the miss probability).
         rtol: tolerance relative to the result's norm; default 1e-3 (CPU float32), 2e-2 for GPUs (TF32).
         device_type: the accelerator's device type (``"cpu"``/``"cuda"``), to pick the default ``rtol``.
+        sample: probability that a job after the warm-up gets the randomized checks (1: every job).
+        warmup: jobs per layer that are always checked in full.
+        max_gap: a layer's job is always checked after ``max_gap - 1`` unchecked ones (None: no bound).
     """
 
-    def __init__(self, rounds: int = 2, rtol: float | None = None, device_type: str = "cpu") -> None:
+    def __init__(self, rounds: int = 2, rtol: float | None = None, device_type: str = "cpu", *,
+                 sample: float = 1.0, warmup: int = 2, max_gap: int | None = 8) -> None:
         if rounds < 1:
             raise ValueError("rounds must be at least 1")
+        if not 0.0 < sample <= 1.0:
+            raise ValueError("sample must be in (0, 1]")
+        if warmup < 0 or (max_gap is not None and max_gap < 1):
+            raise ValueError("warmup must be ≥ 0 and max_gap ≥ 1 (or None)")
         self.rounds = rounds
+        self.sample = float(sample)
+        self.warmup = int(warmup)
+        self.max_gap = max_gap
+        self._layers: dict[str, tuple[int, int]] = {}  # layer -> (jobs seen, unchecked jobs in a row)
         self.rtol = rtol if rtol is not None else (RTOL_CPU if device_type == "cpu" else RTOL_GPU)
         self._gen = torch.Generator().manual_seed(secrets.randbits(63))
         self._lock = threading.Lock()
         self._released: dict[int, Tensor] = {}
         self._forwards: dict[int, _Forward] = {}
         self._shape_cache: dict[tuple, tuple[Shapes, bool]] = {}
-        self._stats = {"checks": 0, "failures": 0, "seconds": 0.0}
+        self._stats = self._zero_stats()
         self._norms: dict[int, tuple[Tensor, float]] = {}
         self._coll: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
@@ -326,14 +529,32 @@ class Verifier:
         with self._lock:
             self._forwards.pop(key, None)
 
+    @staticmethod
+    def _zero_stats() -> dict[str, float]:
+        return {"checks": 0, "failures": 0, "seconds": 0.0, "full": 0, "sampled_out": 0}
+
     def stats(self) -> dict[str, float]:
-        """``checks`` (replies verified), ``failures`` and ``seconds`` of trusted time spent verifying."""
+        """``checks`` (replies verified), ``failures``, ``seconds`` of trusted time spent verifying, and the
+        jobs that got the randomized checks (``full``) or only the basic ones (``sampled_out``)."""
         with self._lock:
             return dict(self._stats)
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._stats = {"checks": 0, "failures": 0, "seconds": 0.0}
+            self._stats = self._zero_stats()
+
+    def detection_probability(self, jobs: int = 1, per_check: float = 1.0) -> float:
+        """Lower bound on the probability that a layer whose result is tampered in ``jobs`` consecutive jobs
+        after its warm-up is caught, where one randomized check catches that tamper with probability
+        ``per_check`` (:func:`measure_detection` estimates it: 1.0 for tampers well above the tolerance).
+        ``jobs=1`` is the per-job (per step, per layer) probability, ``sample · per_check``; in the warm-up
+        it is ``per_check``. Non-finite values and wrong shapes or dtypes are caught in every job."""
+        if jobs < 1:
+            raise ValueError("jobs must be at least 1")
+        miss = (1.0 - self.sample * per_check) ** jobs  # independent draws
+        if self.max_gap is not None:  # at least one forced check in every max_gap jobs
+            miss = min(miss, (1.0 - per_check) ** (jobs // self.max_gap))
+        return 1.0 - miss
 
     def shapes(self, program: list[Instr], inputs: dict[str, Tensor | tuple[int, ...]],
                params: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> tuple[Shapes, bool]:
@@ -373,6 +594,8 @@ class Verifier:
     def _test(self, shape: tuple[int, ...], collapsed: bool) -> Val:
         b = 1 if collapsed else shape[0]
         if len(shape) == 4:
+            if b == 1:  # rank-1 in space too: a convolution's projection is then one pass (_sep_batch)
+                return Sep.rank1(self._randn(shape[1]), self._randn(shape[2]), self._randn(shape[3]))
             return Fact(self._randn(shape[1]), self._randn(b, 1, *shape[2:]))
         return self._randn(b, *shape[1:])
 
@@ -412,14 +635,38 @@ class Verifier:
                                     f"{rhs:.6g}, tolerance {tol:.3g})")
 
     def _params(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        # conv/scale weights in float64 (small); linear weights stay as they are (may be large)
-        return {n: (p.detach() if p.dim() == 2 else p.detach().double()) for n, p in params.items()}
+        # scale vectors in float64 (small); weights stay as they are (large: contracted in their own precision)
+        return {n: (p.detach() if p.dim() >= 2 else p.detach().double()) for n, p in params.items()}
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Every check: count it, add its time, and drop the per-check caches (norms, collapsed tensors)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._norms.clear()
+            self._coll.clear()
+            with self._lock:
+                self._stats["checks"] += 1
+                self._stats["seconds"] += time.perf_counter() - t0
+
+    def _draw(self, layer: str) -> bool:
+        """Whether this job of ``layer`` gets the randomized checks (see the class docstring): always in the
+        warm-up and after ``max_gap - 1`` unchecked jobs in a row, else with probability ``sample``, drawn
+        from the secret generator."""
+        with self._lock:
+            seen, gap = self._layers.get(layer, (0, 0))
+            full = (seen < self.warmup or (self.max_gap is not None and gap + 1 >= self.max_gap)
+                    or float(torch.rand((), generator=self._gen, dtype=torch.float64)) < self.sample)
+            self._layers[layer] = (seen + 1, 0 if full else gap + 1)
+            self._stats["full" if full else "sampled_out"] += 1
+        return full
 
     def check_forward(self, key: int, program: list[Instr], inputs: dict[str, int], params: dict[str, Tensor],
                       outputs: list[str], result: Any, *, layer: str, keep_graph: bool) -> None:
         """Verify a forward reply (``inputs`` maps program inputs to released handle ids)."""
-        t0 = time.perf_counter()
-        try:
+        with self._timed():
             with self._lock:
                 xs = {n: self._released.get(h) for n, h in inputs.items()}
             if any(x is None for x in xs.values()):
@@ -430,43 +677,50 @@ class Verifier:
                 raise self._fail(layer, f"forward returned {got}, expected outputs {sorted(outputs)}")
             for o in outputs:
                 self._tensor_ok(layer, f"forward output {o!r}", result[o], shapes.get(o))
+            full = self._draw(layer)
+            rec = _Forward(program, dict(params), shapes, collapsed, layer, None, full=full) if keep_graph else None
+            if not full:
+                if rec is not None:
+                    with self._lock:
+                        self._forwards[key] = rec
+                return
             P = self._params(params)
             sh1 = self._one(shapes, collapsed)
             B = shapes[next(iter(xs))][0][0]
             Rm = self._randn(self.rounds, B) if collapsed else None
-            # one check per output, each with its own tolerance (a small output is not hidden by a large one)
+            bt = _Batch(self)
+            # one check per output, each with its own tolerance (a small output is not hidden by a large one):
+            # ⟨S, Y⟩ = ⟨Pᵀ S, X⟩
+            checks = []
             for o in outputs:
                 if shapes.get(o) is None:
                     continue
                 for k in range(self.rounds):
                     seed = self._test(shapes[o][0], collapsed)
                     adj = adjoint(program, P, {o: seed}, sh1)
-                    lhs = self._ipk(seed, result[o], Rm, k)
-                    rhs = sum(self._ipk(adj.get(n), x, Rm, k) for n, x in xs.items())
-                    self._compare(layer, f"forward output {o!r}", lhs, rhs, self._n2(result[o]))
-            if keep_graph:
-                rec = _Forward(program, dict(params), shapes, collapsed, layer, Rm)
-                cands = {i.args[0] for i in program if i.params and i.args and shapes.get(i.args[0]) is not None}
-                for n in cands:
-                    exps = []
+                    checks.append((o, bt.add(seed, result[o], Rm, k),
+                                   [bt.add(adj.get(n), x, Rm, k) for n, x in xs.items()]))
+            # expected projections of the intermediate values the backward will return (inputs of weighted
+            # ops), taken now that the released inputs are at hand, in the same pass over them
+            exps: dict[str, list[tuple[Val, list[int]]]] = {}
+            if rec is not None:
+                rec.Rm = Rm
+                for n in {i.args[0] for i in program if i.params and i.args and shapes.get(i.args[0]) is not None}:
                     for k in range(self.rounds):
                         s = self._test(shapes[n][0], collapsed)
                         adj = adjoint(program, P, {n: s}, sh1)
-                        exps.append((s, sum(self._ipk(adj.get(m), x, Rm, k) for m, x in xs.items())))
-                    rec.value_exp[n] = exps
+                        exps.setdefault(n, []).append((s, [bt.add(adj.get(m), x, Rm, k) for m, x in xs.items()]))
+            val = bt.run()
+            for o, lhs, rhs in checks:
+                self._compare(layer, f"forward output {o!r}", val[lhs], sum(val[i] for i in rhs), self._n2(result[o]))
+            if rec is not None:
+                rec.value_exp = {n: [(s, sum(val[i] for i in rhs)) for s, rhs in lst] for n, lst in exps.items()}
                 with self._lock:
                     self._forwards[key] = rec
-        finally:
-            self._norms.clear()
-            self._coll.clear()
-            with self._lock:
-                self._stats["checks"] += 1
-                self._stats["seconds"] += time.perf_counter() - t0
 
     def check_backward(self, key: int, request: BackwardRequest, result: Any) -> None:
         """Verify a backward reply against the kept forward ``key`` and the released output gradients."""
-        t0 = time.perf_counter()
-        try:
+        with self._timed():
             with self._lock:
                 rec = self._forwards.pop(key, None)
                 gids = {n: h.id for n, h in request.grad_outputs.items() if h is not None}
@@ -487,9 +741,13 @@ class Verifier:
                 for n, t in got.items():
                     spec = pspec.get(n) if sect == "param_grads" else shapes.get(n)
                     self._tensor_ok(layer, f"backward {sect}[{n!r}]", t, spec)
+            if not rec.full:
+                return
             P = self._params(rec.params)
             sh1 = self._one(shapes, collapsed)
             B = next(s[0][0] for s in shapes.values() if s is not None)
+            bt = _Batch(self)
+            checks: list[tuple[str, int, float | list[int], Tensor | None]] = []
             # intermediate values (forward quantities returned with the backward)
             vals = result["values"]
             for n in request.values:
@@ -499,8 +757,7 @@ class Verifier:
                         raise self._fail(layer, f"backward values[{n!r}] should be absent")
                     continue
                 for k, (s, exp) in enumerate(exps):
-                    self._compare(layer, f"values[{n!r}]", self._ipk(s, vals.get(n), rec.Rm, k), exp,
-                                  self._n2(vals.get(n)))
+                    checks.append((f"values[{n!r}]", bt.add(s, vals.get(n), rec.Rm, k), exp, vals.get(n)))
             # input and intermediate gradients: ⟨S, δ⟩ = ⟨L S, G⟩
             roots = {n: g for n, g in G.items() if shapes.get(n) is not None}
             claimed = {("input_grads", n): result["input_grads"].get(n) for n in request.input_grads}
@@ -511,8 +768,12 @@ class Verifier:
                 for k in range(self.rounds):
                     s = self._test(shapes[n][0], collapsed)
                     outs = forward_linear(program, P, {n: s}, sh1)
-                    rhs = sum(self._ipk(outs.get(o), g, Rm, k) for o, g in roots.items())
-                    self._compare(layer, f"{sect}[{n!r}] (gradient)", self._ipk(s, v, Rm, k), rhs, self._n2(v))
+                    checks.append((f"{sect}[{n!r}] (gradient)", bt.add(s, v, Rm, k),
+                                   [bt.add(outs.get(o), g, Rm, k) for o, g in roots.items()], v))
+            val = bt.run()
+            for what, lhs, rhs, t in checks:
+                exp = rhs if isinstance(rhs, float) else sum(val[i] for i in rhs)
+                self._compare(layer, what, val[lhs], exp, self._n2(t))
             # weight gradients: ⟨T, ∇W⟩ = Σ_uses ⟨δ_j, op(x_j, T)⟩ with verified δ_j, x_j
             for p in request.param_grads:
                 gw = result["param_grads"].get(p)
@@ -541,12 +802,6 @@ class Verifier:
                     lhs = torch.einsum("oikl,ro,ri,rkl->r", gw.double(), T, m, K)
                 for k in range(self.rounds):
                     self._compare(layer, f"weight gradient of {p!r}", float(lhs[k]), float(exp[k]), self._n2(gw))
-        finally:
-            self._norms.clear()
-            self._coll.clear()
-            with self._lock:
-                self._stats["checks"] += 1
-                self._stats["seconds"] += time.perf_counter() - t0
 
     @staticmethod
     def _wgrad_proj(ins: Instr, x: Tensor, d: Tensor, T: Tensor, m: Tensor, K: Tensor) -> Tensor:
