@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .secure_rng import HARDENING_DRAWS, InsecureNoiseWarning, SecureGenerator
+from .secure_rng import HARDENING_DRAWS, InsecureNoiseWarning, SecureGenerator, single_threaded
 
 __all__ = ["NoiseConfig", "ReleaseMechanism", "clip_per_sample", "per_sample_norms", "parse_clip"]
 
@@ -800,13 +800,14 @@ def _add_noise(r: Tensor, scale: Tensor, std: float, noise: Tensor, *, executor:
 
     def run(part: list[tuple[int, int, float]]) -> None:
         tmp = _SCRATCH.tmp
-        for lo, hi, sb in part:
-            t = tmp[: hi - lo]
-            t.copy_(src[lo:hi])
-            if sb != 1.0:
-                t.mul_(sb)
-            t.add_(noise[lo:hi], alpha=std)
-            dst[lo:hi].copy_(t)
+        with single_threaded():  # chunks are sized for one thread (see secure_rng.single_threaded)
+            for lo, hi, sb in part:
+                t = tmp[: hi - lo]
+                t.copy_(src[lo:hi])
+                if sb != 1.0:
+                    t.mul_(sb)
+                t.add_(noise[lo:hi], alpha=std)
+                dst[lo:hi].copy_(t)
 
     k = max(1, min(parts, len(chunks))) if executor is not None else 1
     cut = [len(chunks) * i // k for i in range(k + 1)]
