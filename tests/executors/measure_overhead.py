@@ -157,7 +157,11 @@ def replay_main(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, a.model)(num_classes=1000)
     x = torch.randn(a.batch, 3, a.size, a.size)
-    classes = {"after": Verifier}
+    classes: dict = {"after": Verifier}
+    if a.sample is not None:  # steady state: past the warm-up, each job checked with probability a.sample
+        import functools
+
+        classes[f"after_sample{a.sample}"] = functools.partial(Verifier, sample=a.sample, warmup=0)
     if a.baseline:
         classes["before"] = _baseline_verifier(a.baseline)
     out: dict = {"model": a.model, "size": a.size, "batch": a.batch, "threads": torch.get_num_threads(),
@@ -174,7 +178,9 @@ def replay_main(a: argparse.Namespace) -> None:
             res[k] = {"verify_s": [round(t, 4) for t in v], "median_s": statistics.median(v),
                       "overhead": statistics.median(v) / trusted}
         if "before" in secs:
-            res["after_over_before_per_round"] = [round(b / c, 3) for b, c in zip(secs["after"], secs["before"])]
+            for k in secs:
+                if k != "before":
+                    res[f"{k}_over_before_per_round"] = [round(b / c, 3) for b, c in zip(secs[k], secs["before"])]
         out["phases"][phase] = res
         del log
     print(json.dumps(out, indent=1))
@@ -190,6 +196,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--phase", choices=("infer", "train", "both"), default="both")
     ap.add_argument("--placement", default="auto", help="asymml.split placement (auto: as the bench)")
+    ap.add_argument("--sample", type=float, default=None, help="also replay with Verifier(sample=P, warmup=0)")
     ap.add_argument("--baseline", default=None, help="git revision of verify.py to compare against")
     a = ap.parse_args()
     if a.replay:
