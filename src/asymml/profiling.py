@@ -412,6 +412,39 @@ class _Timed:
                 obs.trusted_op(self.layer, self.elapsed)
 
 
+class _OpTimer:
+    """The span of one trusted graph node: its time goes to the layer's trusted forward. One per
+    :class:`Recorder`, reused (no allocation per op)."""
+
+    __slots__ = ("rec", "layer", "t0", "label")
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.layer = ""
+        self.t0 = 0.0
+        self.label: Any = None
+
+    def __enter__(self) -> _OpTimer:
+        if _profiler_on():
+            self.label = torch.profiler.record_function(LABELS["trusted_op"])
+            self.label.__enter__()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        dt = time.perf_counter() - self.t0
+        if self.label is not None:
+            self.label.__exit__(exc_type, exc, tb)
+            self.label = None
+        if exc_type is not None:
+            return
+        rec = self.rec
+        lp = rec.layer(self.layer, "trusted")
+        lp.trusted_s["forward"] = lp.trusted_s.get("forward", 0.0) + dt
+        for obs in rec.observers:
+            obs.trusted_op(self.layer, dt)
+
+
 class Recorder:
     """The split runtime's bookkeeping, in one place: per-layer trusted times (always; two clock reads a
     span), FLOPs and trusted peak memory (only while counting is on: :meth:`set_counting`), release
@@ -425,6 +458,7 @@ class Recorder:
         self.meter: TrustedMemoryMeter | None = None
         self.release_stats: dict[str, dict[str, Any]] = {}
         self.observers: list[RuntimeObserver] = []
+        self._op = _OpTimer(self)
 
     # ------------------------------------------------------------------ switches
     def set_counting(self, on: bool) -> None:
@@ -457,9 +491,11 @@ class Recorder:
         """The model run as is, in the trusted context (trusted-only mode, or nothing split)."""
         return _Timed(self, "model", "trusted", "forward", None, True, True)
 
-    def trusted_op(self, layer: str) -> _Timed:
-        """One graph node run in the trusted context."""
-        return _Timed(self, layer, "trusted", "forward", "trusted_op", False, False)
+    def trusted_op(self, layer: str) -> _OpTimer:
+        """One graph node run in the trusted context (one reused span: trusted ops do not nest)."""
+        op = self._op
+        op.layer = layer
+        return op
 
     def decomposing(self, layer: str) -> _Timed:
         """Decomposition and release of one input of region ``layer`` (its ``decompose_s``)."""

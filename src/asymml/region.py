@@ -24,7 +24,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,10 +36,8 @@ from .planner import ConvShape, Planner
 from .profiling import Recorder
 from .release import ReleasePath
 from .rules import Conv2dRule, dense, tadd
+from .splitconfig import SplitConfig
 from .transform import Region
-
-if TYPE_CHECKING:
-    from .runtime import SplitConfig
 
 _KEYS = itertools.count()  # shared by every split model: several may use one executor
 

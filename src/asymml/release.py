@@ -11,7 +11,7 @@ mechanism's key stays in memory and a resumed run draws fresh noise).
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,9 +21,7 @@ from .errors import CheckpointError
 from .executors.base import Executor, Handle
 from .profiling import Recorder
 from .rules import Low
-
-if TYPE_CHECKING:
-    from .runtime import SplitConfig
+from .splitconfig import SplitConfig
 
 STATE_VERSION = 1
 
@@ -158,7 +156,7 @@ class ReleasePath:
                                   "decomposition generator and warm-start bases); the checkpoint is corrupt")
         try:
             self.generator.set_state(state["gen"])
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:
             raise CheckpointError(f"the split model's saved generator state is invalid: {e}") from None
         self.warm.clear()
         self.warm.update(state["warm"])

@@ -12,7 +12,6 @@ their generator and cache) and the executor. Timing, FLOPs, memory and release s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,40 +19,18 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .decomposition import AdaptiveRank, RankPolicy
+from .decomposition import AdaptiveRank
 from .errors import InputError
 from .executors.base import Executor
 from .interpreter import TrustedInterpreter
 from .planner import Planner
-from .profiling import EPC_DEFAULT_BYTES, LayerProfile, Profile, Recorder, RuntimeObserver
+from .profiling import LayerProfile, Profile, Recorder, RuntimeObserver
 from .region import ForwardPass, RegionCall, RegionFunction, region_params
 from .release import ReleasePath
+from .splitconfig import BACKWARDS, MODES, SplitConfig
 from .transform import Plan, Region, build_plan, trace
 
-MODES = ("asym", "plain", "trusted-only", "noise-only")
-BACKWARDS = ("protected", "paper")
-
-
-@dataclass
-class SplitConfig:
-    """Everything that decides how a model is split (validated by :func:`asymml.split`)."""
-
-    rank: RankPolicy
-    decomposition: str = "power"
-    iters: int = 2
-    basis: str = "sample"
-    backward: str = "protected"
-    mode: str = "asym"
-    input_rank: int | None = 1
-    grad_rank: RankPolicy | None = None
-    warm_start: bool = True
-    strict: bool = False
-    noise_grads: bool = True
-    epc_bytes: int = EPC_DEFAULT_BYTES
-    seed: int = 0
-    noise_seed: int | None = None
-    placement: str = "auto"
-
+__all__ = ["BACKWARDS", "MODES", "SplitConfig", "SplitModule"]
 
 class SplitModule(nn.Module):
     """A model whose linear ops run split between the trusted context and an executor.
