@@ -182,6 +182,28 @@ def test_group_aware_conv_backward_flops() -> None:
     assert fc3.get_total_flops() == true
 
 
+def test_split_settings_come_from_split_options() -> None:
+    """The bench's split fields are SplitOptions' (same defaults, validated by it, one options object per
+    mode instance)."""
+    import dataclasses
+
+    from asymml.errors import ConfigError
+    from asymml.options import SplitOptions
+
+    cfg = BenchConfig()
+    split_fields = {f.name: f.metadata["split_option"] for f in dataclasses.fields(cfg) if "split_option" in f.metadata}
+    assert {"rank", "decomposition", "iters", "basis", "input_rank", "grad_rank", "warm_start"} <= set(split_fields)
+    defaults = SplitOptions()
+    assert all(getattr(cfg, f) == getattr(defaults, o) for f, o in split_fields.items())
+    opts = BenchConfig(rank="4", iters=3, placement="split").split_options("noise-only", "paper", verify=True)
+    assert (opts.rank, opts.iters, opts.mode, opts.backward, opts.placement, opts.verify) == \
+        ("4", 3, "noise-only", "paper", "split", True)
+    assert BenchConfig(placement="split").split_options("trusted-only").placement == defaults.placement
+    for bad in ({"decomposition": "nope"}, {"iters": 0}, {"rank": "adaptive:x"}, {"warm_start": "no"}):
+        with pytest.raises(ConfigError):
+            BenchConfig(**bad).validate()
+
+
 def test_model_family_resolution() -> None:
     assert resolve_family("vgg16", 32) == "cifar:vgg16"
     assert resolve_family("vgg16", 224) == "tv:vgg16"

@@ -24,9 +24,9 @@ measured by the bench's own wrapper around the executor's futures, not taken fro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
-import inspect
 import itertools
 import os
 import platform
@@ -45,12 +45,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .. import split
+from ..api import split_with_options
 from ..errors import ConfigError
 from ..executors.base import Handle
 from ..executors.local import LocalExecutor
+from ..options import SplitOptions
 from ..privacy.sensitivity import coupling_layers
-from ..profiling import EPC_DEFAULT_BYTES, TrustedMemoryMeter
+from ..profiling import TrustedMemoryMeter
 from ..validate import fix
 from .derived import DEFAULT_SPEED_RATIO, analytic_fwd_conv_limit, conv_geometry
 from .flops import flop_counter, group_aware_registry
@@ -66,6 +67,12 @@ ROUND_BUDGET_S = 20.0  # default rounds grow up to this many seconds of paired s
 MAX_AUTO_ROUNDS = 60
 
 
+def _split_field(name: str) -> Any:
+    """A bench field that is split option ``name``: its default is :class:`SplitOptions`'."""
+    (f,) = [f for f in dataclasses.fields(SplitOptions) if f.name == name]
+    return field(default=f.default, metadata={"split_option": name})
+
+
 @dataclass
 class BenchConfig:
     """What ``asymml bench`` measures (the CLI maps its options onto these fields)."""
@@ -76,13 +83,14 @@ class BenchConfig:
     phases: tuple[str, ...] = PHASES
     modes: tuple[str, ...] = MODES
     backwards: tuple[str, ...] = BACKWARDS
-    rank: str = "schedule"
-    decomposition: str = "power"
-    iters: int = 2
-    basis: str = "sample"
-    input_rank: int | None = 1
-    grad_rank: str | None = None
-    warm_start: bool = True
+    # split options: defaults, validation and meaning from asymml.options.SplitOptions (split_options())
+    rank: int | tuple[int, ...] | str = _split_field("rank")
+    decomposition: str = _split_field("decomposition")
+    iters: int = _split_field("iters")
+    basis: str = _split_field("basis")
+    input_rank: int | None = _split_field("input_rank")
+    grad_rank: int | tuple[int, ...] | str | None = _split_field("grad_rank")
+    warm_start: bool = _split_field("warm_start")
     repeats: int = 5
     rounds: int | None = None  # paired rounds; None: max(MIN_ROUNDS, repeats)
     warmup: int = 1
@@ -91,12 +99,12 @@ class BenchConfig:
     noise_sigma: float = 1.0
     clip: float = 1.0
     asym_sigma: float | None = None
-    epc_bytes: int = EPC_DEFAULT_BYTES
+    epc_bytes: int = _split_field("epc_bytes")
     num_classes: int | None = None
     width: float = 1.0
     in_channels: int = 3
     optimizer_step: bool = True
-    seed: int = 0
+    seed: int = _split_field("seed")  # also seeds the bench's batches and round order
     layers: bool = False
     attribute: bool = False
     serialize: bool | None = None  # None: serialize when the accelerator is the CPU
@@ -105,10 +113,10 @@ class BenchConfig:
     calibration: dict[str, Any] | None = None  # roofline rates from an earlier run (None: measure)
     sgx_weights_in_epc: bool = False  # SGX1 projection: parameters live in the EPC (default: public, outside)
     bootstrap: int = 2000  # bootstrap resamples of the paired-ratio interval
-    placement: str | None = None  # split(placement=…) where the runtime has it (None: its default)
+    placement: str | None = None  # SplitOptions.placement of asym / noise-only (None: its default)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for unusable settings."""
+        """Raise :class:`ConfigError` for unusable settings (split options: as :class:`SplitOptions` does)."""
         for name, allowed, vals in (("mode", MODES, self.modes), ("backward", BACKWARDS, self.backwards),
                                     ("phase", PHASES, self.phases)):
             bad = [v for v in vals if v not in allowed]
@@ -123,6 +131,24 @@ class BenchConfig:
         if self.calibration is not None and not all(
                 self.calibration.get(k, 0) > 0 for k in ("conv_gflops", "mem_gbps")):
             raise ConfigError("a calibration needs positive conv_gflops and mem_gbps")
+        if any(s < 1 for s in self.input_sizes) or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError("input sizes and batch sizes must be positive")
+        if not self.models:
+            raise ConfigError("no model given")
+        if self.speed_ratio <= 0:
+            raise ConfigError(f"speed ratio must be > 0, got {self.speed_ratio}")
+        self.split_options()
+
+    def split_options(self, mode: str = "asym", backward: str = "protected", **overrides: Any) -> SplitOptions:
+        """The :class:`SplitOptions` of one mode instance: this config's split fields, ``mode``,
+        ``backward``, the placement (asym / noise-only, when set), then ``overrides``."""
+        kw: dict[str, Any] = {f.metadata["split_option"]: getattr(self, f.name) for f in dataclasses.fields(self)
+                              if "split_option" in f.metadata}
+        kw.update(mode=mode, backward=backward)
+        if self.placement is not None and mode in ("asym", "noise-only"):
+            kw["placement"] = self.placement
+        kw.update(overrides)
+        return SplitOptions(**kw)
 
     def n_rounds(self) -> int:
         """Paired rounds: ``rounds``, or at least ``max(MIN_ROUNDS, repeats)`` by default (the runner adds rounds,
@@ -133,12 +159,6 @@ class BenchConfig:
     def serialized(self, device: str) -> bool:
         """Whether timed steps are serialized: as asked, else whenever the accelerator is the CPU."""
         return self.serialize if self.serialize is not None else device == "cpu"
-        if any(s < 1 for s in self.input_sizes) or any(b < 1 for b in self.batch_sizes):
-            raise ConfigError("input sizes and batch sizes must be positive")
-        if not self.models:
-            raise ConfigError("no model given")
-        if self.speed_ratio <= 0:
-            raise ConfigError(f"speed ratio must be > 0, got {self.speed_ratio}")
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -512,28 +532,8 @@ class BenchRunner:
             if msg not in self.notes:
                 self.notes.append(msg)
         ex = _BenchExecutor(self.device if mode != "trusted-only" else "cpu", serialize=self.serialize)
-        kw: dict[str, Any] = {}
-        params = inspect.signature(split).parameters
-        if variant == "verify" and "verify" in params:
-            kw["verify"] = True
-        if cfg.placement is not None and mode in ("asym", "noise-only"):
-            if "placement" not in params:
-                raise ConfigError("this runtime has no placement option")
-            kw["placement"] = cfg.placement
-        sm = split(m, rank=cfg.rank, decomposition=cfg.decomposition, backward=backward or "protected",
-                   noise=noise, mode=mode, executor=ex, iters=cfg.iters, basis=cfg.basis,
-                   input_rank=cfg.input_rank, grad_rank=cfg.grad_rank, warm_start=cfg.warm_start,
-                   epc_bytes=cfg.epc_bytes, seed=cfg.seed, **kw)
-        if variant == "verify" and "verify" not in kw:
-            target = sm.executor if hasattr(sm.executor, "verify") else sm if hasattr(sm, "verify") else None
-            if target is None:
-                ex.close()
-                msg = "--verify: this runtime has no result verification (no split(verify=) nor executor.verify); skipped"
-                self.log(f"[bench] {msg}")
-                if msg not in self.notes:
-                    self.notes.append(msg)
-                return None
-            target.verify = True
+        options = cfg.split_options(mode, backward or "protected", **({"verify": True} if variant == "verify" else {}))
+        sm = split_with_options(m, options, noise=noise, executor=ex)
         opt = torch.optim.SGD(m.parameters(), lr=1e-4) if cfg.optimizer_step else None
         label = mode if backward is None or mode != "asym" else f"{mode}/{backward}"
         if variant:
@@ -676,7 +676,7 @@ class BenchRunner:
             for reg in e.sm.plan().regions:
                 r = prof.get(reg.name)
                 for n in reg.nodes:
-                    if n.op == "call_module" and isinstance(e.sm._gm.get_submodule(n.target), nn.Conv2d):
+                    if isinstance(reg.bound[n].module, nn.Conv2d):
                         a = reg.arg_nodes(n)[0]
                         ranks[str(n.target)] = r if a in reg.decompose else None
             return ranks
