@@ -142,3 +142,29 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
                        cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "argument --batch-size: must be a positive integer" in p.stderr
+
+
+def test_nproc_per_node_forwards_the_options() -> None:
+    """``asymml train --nproc-per-node N ...`` hands each rank the same options (parsed back identically)."""
+    from asymml.cli.main import build_parser
+    from asymml.cli.train import forward_argv
+    from asymml.training.config import given_options
+
+    argv = ["train", "--nproc-per-node", "2", "--batch-size", "16", "--no-progress", "--rank", "2,4",
+            "--device", "tcp://gpu{rank}:7777", "--clip", "auto", "--trusted-interconnect", "--resume"]
+    args = build_parser().parse_args(argv)
+    assert args.nproc_per_node == 2
+    forwarded = forward_argv(args)
+    assert "--nproc-per-node" not in " ".join(forwarded) and forwarded[-1] == "--resume"
+    again = build_parser().parse_args(["train", *forwarded])
+    assert given_options(again) == given_options(args) and again.nproc_per_node is None
+
+
+def test_nproc_per_node_propagates_a_failure(tmp_path: Path) -> None:
+    """The shortcut runs torchrun (``-m asymml train`` per rank) and exits non-zero when the ranks fail."""
+    missing = tmp_path / "no-such-run"
+    proc = subprocess.run([sys.executable, "-m", "asymml", "train", "--nproc-per-node", "2", "--resume", str(missing)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert proc.stderr.count("no checkpoint at") == 2, proc.stderr[-2000:]  # each rank says why

@@ -91,6 +91,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="accelerator-to-TEE speed ratio of the projected speed-up [default: 10]")
     m.add_argument("--epc-mib", type=float, default=128, help="trusted memory budget (EPC), MiB [default: 128]")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="instead of the modes: data-parallel training throughput for 1 and N ranks (short asymml "
+                        "train runs on digits, torchrun on loopback, --threads per rank, default 1) and the "
+                        "trusted-side time of the gradient all-reduce per step; --model (default vgg11_bn), "
+                        "--batch-size (per rank, default 64), --input-size, --repeats (steps, default 5), --device")
     m.add_argument("--layers", action="store_true",
                    help="add per-layer profiles of the split modes to the JSON")
     m.add_argument("--serialize", action=argparse.BooleanOptionalAction, default=None,
@@ -151,6 +156,23 @@ def _calibration(path: str | None) -> dict[str, Any] | None:
     return cal
 
 
+def _run_distributed(args: argparse.Namespace, log: Any) -> int:
+    """``--nproc-per-node N``: see :mod:`asymml.bench.distributed`."""
+    from ..bench.distributed import markdown_distributed, run_distributed_bench
+
+    dev = "cpu" if args.device == "auto" else args.device
+    result = run_distributed_bench(
+        args.nproc_per_node, model=_flat(args.model, ["vgg11_bn"])[0], batch_size=_flat(args.batch_size, [64])[0],
+        image_size=_flat(args.input_size, [None])[0], steps=max(2, args.repeats),
+        device=dev, threads=args.threads or 1, log=log)
+    sys.stdout.write(markdown_distributed(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -160,9 +182,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError("--threads must be ≥ 1")
         torch.set_num_threads(args.threads)
+    log = (lambda s: None) if args.quiet else None
+    if args.nproc_per_node is not None:
+        return _run_distributed(args, log)
     cfg = _config(args)
     cfg.validate()
-    log = (lambda s: None) if args.quiet else None
     if args.sweep:
         param, values = parse_sweep(args.sweep)
         result = run_sweep(cfg, param, values, log)

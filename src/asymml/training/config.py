@@ -639,6 +639,13 @@ class OptionType:
             raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _BareResumeType(OptionType):
+    """``--resume``'s type: the bare option's ``""`` (the checkpoint in --out) stays ``""``."""
+
+    def __call__(self, value: str) -> Any:
+        return "" if value == "" else super().__call__(value)
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """Add every option of :data:`OPTIONS` to ``parser``; unset options stay absent from the namespace."""
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -658,8 +665,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                 help_text += f" (default: {'on' if opt.default else 'off'})"
             g.add_argument(opt.cli, dest=opt.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)
-        elif opt.name == "resume":
-            g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=OptionType(opt),
+        elif opt.name == "resume":  # bare --resume: const "" (argparse runs it through type= too: keep it "")
+            g.add_argument(opt.cli, dest=opt.name, nargs="?", const="", type=_BareResumeType(opt),
                            default=argparse.SUPPRESS, metavar=opt.metavar, help=help_text)
         else:
             g.add_argument(opt.cli, dest=opt.name, type=OptionType(opt), default=argparse.SUPPRESS,
