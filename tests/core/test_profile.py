@@ -58,3 +58,26 @@ def test_memory_meter_counts_live_tensors_and_excludes_public() -> None:
         del a
     assert peak1 >= 2 * 2**20
     assert meter.current < 2**20  # a freed, b public
+
+
+def test_counting_stops_when_switched_off_and_times_stay() -> None:
+    """FLOPs and memory are counted only between set_profiling(True) and set_profiling(False); per-layer
+    times (split regions and trusted ops) are kept either way, in the order the layers first ran."""
+    model = get_model("vgg11", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sm = asymml.split(model, rank=2, placement="split")
+    sm.set_profiling(True)
+    with torch.no_grad():
+        sm(x)
+    assert sm.profile().total["trusted_flops"] > 0
+    sm.set_profiling(False)
+    sm.reset_profile()
+    with torch.no_grad():
+        sm(x)
+    prof = sm.profile()
+    assert prof.total["trusted_flops"] == 0 and prof.total["trusted_s"] > 0
+    kinds = [lp.kind for lp in prof.layers]
+    assert "split" in kinds and "trusted" in kinds
+    order = [lp.layer for lp in prof.layers if lp.kind != "accelerator"]
+    graph = [str(n.target) if n.op == "call_module" else n.name for n in sm._gm.graph.nodes]
+    assert order == sorted(order, key=lambda name: graph.index(name) if name in graph else -1)
