@@ -158,7 +158,7 @@ def test_killed_rank_ends_the_other_and_resume_matches(two_ranks: dict[str, Any]
     resuming with 2 ranks gives the uninterrupted run's final parameters; another N is refused."""
     tmp = two_ranks["tmp"]
     out = tmp / "killed-out"
-    opts = {**OPTIONS, "batch_size": B, "out": str(out), "checkpoint_every_steps": 1}
+    opts = {**OPTIONS, "batch_size": B, "out": str(out), "checkpoint_every_steps": 1, "tensorboard": False}
     run = _launch(tmp, "killed", opts, kill_at=4)
     assert run["codes"][1] == -signal.SIGKILL and run["codes"][0] != 0, run["logs"]
     err = run[0]["error"]
@@ -173,7 +173,7 @@ def test_killed_rank_ends_the_other_and_resume_matches(two_ranks: dict[str, Any]
     with pytest.raises(ConfigError, match=r"over 2 ranks.*--nproc-per-node 2"):
         train({"resume": str(out)}, echo=lambda s: None)  # one process: refused
 
-    resumed = _launch(tmp, "resumed", {"resume": str(out)})
+    resumed = _launch(tmp, "resumed", {"resume": str(out), "tensorboard": False})
     assert resumed["codes"] == [0, 0], resumed["logs"]
     assert _rel(resumed[0]["params"], two_ranks["run"][0]["params"]) <= 1e-6
 
@@ -185,7 +185,7 @@ def test_dp_noise_added_once_and_a_hung_rank_times_out(tmp_path: Path) -> None:
     the resume command."""
     sigma = 10.0  # the clipped per-sample shares (norm <= 1 each, 32 of them) are ~1% of the noise
     opts = {**OPTIONS, "batch_size": B, "epochs": 1, "out": str(tmp_path / "out"), "dist_timeout": 3.0,
-            "noise": sigma}
+            "noise": sigma, "tensorboard": False}
     t0 = time.monotonic()
     run = _launch(tmp_path, "hung", opts, stop_at=1)
     dp = run[0]["dp"]
