@@ -8,15 +8,20 @@
    and 4 draws (float64 releases, dp-update noise), on 1 and 2 threads.
 2. One step of VGG-16's release noise at 224 px, batch 8: every conv input (the residual released per conv,
    ``sum(C*H*W) * B`` elements), released through :class:`~asymml.privacy.noise.ReleaseMechanism` (clip +
-   noise, float32, channels-last) with prefetch off and on.  Between two releases the script sleeps
+   noise, float32, channels-last) inline, with prefetch, with prefetch and ``inplace=True`` (the release
+   written over the residual), on 1 and 2 threads.  Between two releases the script sleeps
    ``--accel-ns`` ns per released element to stand for the accelerator's conv (prefetch can only hide noise
    behind such a wait); the trusted-side time per step is reported with the mechanism's own ``noise_stats()``.
 
-Usage: ``python scripts/bench_noise.py [--json] [--steps 3] [--accel-ns 6] [--torch-threads 2]``.
+Usage: ``python scripts/bench_noise.py [--json] [--steps 2] [--accel-ns 6] [--torch-threads 2]``.
 Figures depend on the load of the machine: the load average is printed with them.
 """
 
 from __future__ import annotations
+
+# ruff: noqa: I001
+# asymml first, as in every asymml entry point: its process settings (OpenMP wait policy) must precede torch's load
+import asymml
 
 import argparse
 import hashlib
@@ -38,6 +43,11 @@ from asymml.privacy.secure_rng import SecureGenerator
 # VGG-16 (torchvision "D") conv inputs at 224 px: (channels, side) of the 13 convs' inputs
 VGG16_CONV_INPUTS = [(3, 224), (64, 224), (64, 112), (128, 112), (128, 56), (256, 56), (256, 56),
                      (256, 28), (512, 28), (512, 28), (512, 14), (512, 14), (512, 14)]
+
+
+# mechanism configurations of the VGG step: name -> (prefetch, threads, inplace)
+CONFIGS = {"inline_1t": (False, 1, False), "prefetch_1t": (True, 1, False), "prefetch_inplace_1t": (True, 1, True),
+           "prefetch_inplace_2t": (True, 2, True)}
 
 
 # --------------------------------------------------------------------------- the previous generator (reference)
@@ -122,7 +132,7 @@ def throughput(n: int, repeats: int, torch_threads: int) -> dict[str, float]:
     return {k: cands[k][0] / best[k] / 1e6 for k in cands}
 
 
-def vgg_step(batch: int, steps: int, accel_ns: float, prefetch: bool, threads: int) -> dict[str, Any]:
+def vgg_step(batch: int, steps: int, accel_ns: float, prefetch: bool, threads: int, inplace: bool) -> dict[str, Any]:
     """Trusted-side noise cost of one VGG-16 224 px step of releases (median over ``steps`` after a warm-up)."""
     releases = [(f"conv{i}", torch.full((batch, c, s, s), 0.01).contiguous(memory_format=torch.channels_last))
                 for i, (c, s) in enumerate(VGG16_CONV_INPUTS)]
@@ -134,7 +144,7 @@ def vgg_step(batch: int, steps: int, accel_ns: float, prefetch: bool, threads: i
         trusted = 0.0
         for layer, r in releases:
             t0 = time.perf_counter()
-            out = mech(r, layer=layer)
+            out = mech(r, layer=layer, inplace=inplace)
             trusted += time.perf_counter() - t0
             del out
             if accel_ns > 0:
@@ -153,7 +163,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1 << 22, help="samples per throughput measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accel-ns", type=float, default=6.0,
                     help="simulated accelerator time per released element between releases (0: none)")
     ap.add_argument("--torch-threads", type=int, default=2)
@@ -163,15 +173,15 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     t_start = time.perf_counter()
     res: dict[str, Any] = {"load_avg_before": os.getloadavg()[0], "cpus": os.cpu_count(),
-                           "torch_threads": args.torch_threads}
+                           "torch_threads": args.torch_threads, "asymml": asymml.__version__,
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     res["throughput_msps"] = throughput(args.n, args.repeats, args.torch_threads)
     vgg: dict[str, Any] = {}
-    for name, prefetch, accel in (("inline", False, args.accel_ns), ("prefetch", True, args.accel_ns),
-                                  ("prefetch_no_wait", True, 0.0)):
-        vgg[name] = vgg_step(args.batch, args.steps, accel, prefetch, threads=1)
+    for name, (prefetch, threads, inplace) in CONFIGS.items():
+        vgg[name] = vgg_step(args.batch, args.steps, args.accel_ns, prefetch, threads, inplace)
     tg = torch.Generator().manual_seed(0)
     big = torch.empty(max(c * s * s for c, s in VGG16_CONV_INPUTS) * args.batch)
-    elems = vgg["inline"]["elements_per_step"]
+    elems = vgg["inline_1t"]["elements_per_step"]
     t = 0.0
     for c, s in VGG16_CONV_INPUTS:
         m = c * s * s * args.batch
@@ -192,11 +202,11 @@ def main() -> None:
     print(f"\nVGG-16 224 px batch {args.batch}: {elems / 1e6:.1f} M noised elements per step (every conv input)")
     print(f"  torch normal_ into a reused buffer (insecure reference): {vgg['torch_normal_into_buffer_s'] * 1e3:7.0f} ms")
     print(f"  previous secure generator, noise only (extrapolated):    {vgg['old_secure_estimate_s'] * 1e3:7.0f} ms")
-    for name in ("inline", "prefetch", "prefetch_no_wait"):
+    for name in CONFIGS:
         v = vgg[name]
         st = v["noise_stats"]
         steps = max(1, args.steps)
-        print(f"  mechanism {name:17s} trusted {v['trusted_s_per_step'] * 1e3:6.0f} ms/step | per step: "
+        print(f"  {name:27s} trusted {v['trusted_s_per_step'] * 1e3:6.0f} ms/step | per step: "
               f"noise on critical path {st['critical_s'] / steps * 1e3:5.0f} ms (waiting {st['wait_s'] / steps * 1e3:4.0f}), "
               f"add {st['combine_s'] / steps * 1e3:4.0f} ms, background {st['background_s'] / steps * 1e3:5.0f} ms | "
               f"hits {st['hits']} late {st['late']} misses {st['misses']} | buffers {st['peak_buffer_bytes'] / 2**20:.0f} MiB")

@@ -415,3 +415,30 @@ def test_inplace_release_overwrites_the_residual_with_the_same_release() -> None
     z = x.clone().requires_grad_()
     out = ReleaseMechanism(cfg)(z, layer="l", inplace=True)  # autograd needs z: a new tensor
     assert out is not z and torch.equal(z.detach(), x)
+
+
+def test_concurrent_callers_get_their_own_fresh_noise() -> None:
+    # two threads releasing different layers through one prefetching mechanism: no error, no shared draw
+    import threading
+
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True, threads=2)
+    outs: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
+    errors: list[BaseException] = []
+
+    def work(layer: str) -> None:
+        try:
+            for _ in range(8):
+                outs[layer].append(mech(torch.zeros(2, 4, 30, 30), layer=layer))
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in outs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in ts)
+    assert mech.release_counts() == {"x": 8, "y": 8}
+    heads = [tuple(o.flatten()[:8].tolist()) for v in outs.values() for o in v]
+    assert len(set(heads)) == 16
+    mech.close()

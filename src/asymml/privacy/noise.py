@@ -587,6 +587,7 @@ class ReleaseMechanism:
                 # one thread for prefetch + threads - 1 helpers of the caller (inline draws, adding noise)
                 self._pool = ThreadPoolExecutor(max_workers=self._threads + 1, thread_name_prefix="asymml-noise")
                 self._pool_pid = os.getpid()
+                self._held_bytes -= sum(8 * p.buf.numel() for p in self._pending.values())
                 self._pending.clear()
             return self._pool
 
