@@ -9,7 +9,7 @@
 2. One step of VGG-16's release noise at 224 px, batch 8: every conv input (the residual released per conv,
    ``sum(C*H*W) * B`` elements), released through :class:`~asymml.privacy.noise.ReleaseMechanism` (clip +
    noise, float32, channels-last) inline, with prefetch, with prefetch and ``inplace=True`` (the release
-   written over the residual), on 1 and 2 threads.  Between two releases the script sleeps
+   written over the residual), 1 or 2 draws ahead, on 1 and 2 threads.  Between two releases the script sleeps
    ``--accel-ns`` ns per released element to stand for the accelerator's conv (prefetch can only hide noise
    behind such a wait); the trusted-side time per step is reported with the mechanism's own ``noise_stats()``.
 
@@ -45,9 +45,9 @@ VGG16_CONV_INPUTS = [(3, 224), (64, 224), (64, 112), (128, 112), (128, 56), (256
                      (256, 28), (512, 28), (512, 28), (512, 14), (512, 14), (512, 14)]
 
 
-# mechanism configurations of the VGG step: name -> (prefetch, threads, inplace)
-CONFIGS = {"inline_1t": (False, 1, False), "prefetch_1t": (True, 1, False), "prefetch_inplace_1t": (True, 1, True),
-           "prefetch_inplace_2t": (True, 2, True)}
+# mechanism configurations of the VGG step: name -> (prefetch depth (0: off), threads, inplace)
+CONFIGS = {"inline_1t": (0, 1, False), "prefetch_1t": (2, 1, False), "prefetch_depth1_inplace_1t": (1, 1, True),
+           "prefetch_inplace_1t": (2, 1, True), "prefetch_inplace_2t": (2, 2, True)}
 
 
 # --------------------------------------------------------------------------- the previous generator (reference)
@@ -132,11 +132,12 @@ def throughput(n: int, repeats: int, torch_threads: int) -> dict[str, float]:
     return {k: cands[k][0] / best[k] / 1e6 for k in cands}
 
 
-def vgg_step(batch: int, steps: int, accel_ns: float, prefetch: bool, threads: int, inplace: bool) -> dict[str, Any]:
+def vgg_step(batch: int, steps: int, accel_ns: float, depth: int, threads: int, inplace: bool) -> dict[str, Any]:
     """Trusted-side noise cost of one VGG-16 224 px step of releases (median over ``steps`` after a warm-up)."""
     releases = [(f"conv{i}", torch.full((batch, c, s, s), 0.01).contiguous(memory_format=torch.channels_last))
                 for i, (c, s) in enumerate(VGG16_CONV_INPUTS)]
-    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=prefetch, threads=threads)
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=depth > 0, prefetch_depth=max(1, depth),
+                            threads=threads)
     per_step = []
     for step in range(steps + 1):
         if step == 1:
@@ -177,8 +178,8 @@ def main() -> None:
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     res["throughput_msps"] = throughput(args.n, args.repeats, args.torch_threads)
     vgg: dict[str, Any] = {}
-    for name, (prefetch, threads, inplace) in CONFIGS.items():
-        vgg[name] = vgg_step(args.batch, args.steps, args.accel_ns, prefetch, threads, inplace)
+    for name, (depth, threads, inplace) in CONFIGS.items():
+        vgg[name] = vgg_step(args.batch, args.steps, args.accel_ns, depth, threads, inplace)
     tg = torch.Generator().manual_seed(0)
     big = torch.empty(max(c * s * s for c, s in VGG16_CONV_INPUTS) * args.batch)
     elems = vgg["inline_1t"]["elements_per_step"]

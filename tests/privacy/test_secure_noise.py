@@ -442,3 +442,23 @@ def test_concurrent_callers_get_their_own_fresh_noise() -> None:
     heads = [tuple(o.flatten()[:8].tolist()) for v in outs.values() for o in v]
     assert len(set(heads)) == 16
     mech.close()
+
+
+def test_prefetch_runs_ahead_up_to_its_depth_at_the_right_addresses() -> None:
+    # catches: a chained prefetch at a wrong address (it would be discarded, not hit) or past the depth
+    import time
+
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0, insecure_seed=3), prefetch=True, prefetch_depth=2)
+    _steps(mech, 2)
+    mech.reset_noise_stats()
+    mech(torch.zeros(_LAYERS["a"]).contiguous(memory_format=torch.channels_last), layer="a")
+    deadline = time.monotonic() + 30
+    while len(mech._pending) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert set(mech._pending) == {"b", "b:grad"}  # two ahead, and no further
+    for layer in ("b", "b:grad"):
+        mech(torch.zeros(_LAYERS[layer]).contiguous(memory_format=torch.channels_last), layer=layer)
+    st = mech.noise_stats()
+    assert st["hits"] + st["late"] == 3 and st["discarded"] == 0 and st["misses"] == 0  # a, b, b:grad
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        ReleaseMechanism(NoiseConfig(sigma=1.0), prefetch_depth=0)

@@ -296,12 +296,14 @@ class ReleaseMechanism:
     is noised, generates the *next expected* draw -- same address ``(layer, release index)``, hence the very
     numbers an inline draw would give -- on a background thread into a reused float64 buffer, while the
     trusted side waits for the accelerator.  A prefetched draw is taken out of the pending table under a lock
-    before use and its buffer is only refilled after the noise was added to a *new* release tensor, so no
-    draw is ever handed out twice and no release aliases a buffer.  Buffers stay within ``prefetch_bytes``
-    (a prediction that does not fit is skipped).  ``threads``: threads that generate one inline draw (the
-    caller plus ``threads - 1`` pool threads).  ``draws``: Gaussians summed per element; None = 1 for float32
-    / float16 / bfloat16 releases (float64 noise rounded once) and ``HARDENING_DRAWS`` for float64 releases
-    (see :mod:`asymml.privacy.secure_rng`).  :meth:`noise_stats` reports where the time went.
+    before use and its buffer is only refilled after the noise was added to the release (a new tensor, or
+    ``r`` itself with ``inplace=True``; never a buffer), so no draw is ever handed out twice and no release
+    aliases a buffer.  While the caller has not yet asked for a prefetched draw, the thread goes on with the
+    releases predicted after it, up to ``prefetch_depth`` draws ahead.  Buffers stay within ``prefetch_bytes``
+    (a prediction that does not fit is skipped).  ``threads``: threads that generate one inline draw and add
+    noise (the caller plus ``threads - 1`` pool threads).  ``draws``: Gaussians summed per element; None = 1
+    for float32 / float16 / bfloat16 releases (float64 noise rounded once) and ``HARDENING_DRAWS`` for float64
+    releases (see :mod:`asymml.privacy.secure_rng`).  :meth:`noise_stats` reports where the time went.
     """
 
     def __init__(
@@ -317,6 +319,7 @@ class ReleaseMechanism:
         threads: int | None = None,
         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
         draws: int | None = None,
+        prefetch_depth: int = 2,
     ) -> None:
         config.validate()
         if draws is not None and (not isinstance(draws, int) or isinstance(draws, bool) or draws < 1):
@@ -325,6 +328,8 @@ class ReleaseMechanism:
             threads = int(os.environ.get("ASYMML_NOISE_THREADS", "1") or 1)
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be an integer >= 1 (got {threads!r})")
+        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be an integer >= 1 (got {prefetch_depth!r})")
         if prefetch_bytes < 0:
             raise ValueError(f"prefetch_bytes must be >= 0 (got {prefetch_bytes!r})")
         if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
@@ -369,6 +374,7 @@ class ReleaseMechanism:
         self._threads = threads
         self._prefetch = _env_flag("ASYMML_NOISE_PREFETCH", True) if prefetch is None else bool(prefetch)
         self._budget = int(prefetch_bytes)
+        self._depth = prefetch_depth
         self._plock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -670,6 +676,9 @@ class ReleaseMechanism:
         with self._plock:
             self._stats["background_s"] += dt
             self._stats["prefetched_samples"] += p.n
+            chain = self._prefetch and len(self._pending) < self._depth and self._pending.get(p.layer) is p
+        if chain:  # still ahead of the caller: go on with the release after this one
+            self._schedule(self._next.get(p.layer))
 
     def _drain(self) -> None:
         """Drop every pending draw (waiting for those in flight) and keep their buffers for reuse."""
