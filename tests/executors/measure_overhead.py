@@ -15,8 +15,11 @@ seconds per step as a fraction of a forward+backward without it), ``detection`` 
 recorded checks are replayed through the current :class:`~asymml.executors.verify.Verifier` and, with
 ``--baseline``, through the one at that git revision, in paired interleaved rounds (order alternating).
 The denominator is the asym trusted time of the same step without verification (median of ``--rounds``
-steps, accelerator jobs serialized as in ``asymml bench``: wall time minus waits on the accelerator).
-Prints JSON with per-round seconds, per-round ratios and medians.
+steps, accelerator jobs serialized as in ``asymml bench``: wall time minus waits on the accelerator), and
+its CPU time (the trusted thread's). On a shared machine prefer OMP_NUM_THREADS=1 and the ``*_cpu``
+figures: with one torch thread all verification and all trusted work run in the measuring thread, so its
+CPU time does not count the time other processes held the cores. Prints JSON with per-round seconds,
+per-round ratios and medians.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _baseline_verifier(ref: str) -> type:
 
 
 def _record(model: torch.nn.Module, x: torch.Tensor, phase: str, rounds: int,
-            placement: str = "auto") -> tuple[list, float]:
+            placement: str = "auto") -> tuple[list, tuple[float, float]]:
     """Run asym steps of ``phase`` on an in-process accelerator: ``rounds`` timed without verification
     (median asym trusted seconds), then one with a verifier that records every event for replay."""
     import asymml
@@ -102,13 +105,14 @@ def _record(model: torch.nn.Module, x: torch.Tensor, phase: str, rounds: int,
     if bench_ex:
         ex.step_thread = threading.get_ident()
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
         """Trusted seconds of one step: as the bench counts them (wall minus waits on the accelerator),
-        else the split regions' trusted time from the profile."""
+        else the split regions' trusted time from the profile; and the CPU time of this (trusted) thread."""
         sm.reset_profile()
         model.zero_grad(set_to_none=True)
         if bench_ex:
             ex.reset_counters()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         if phase == "infer":
             with torch.no_grad():
@@ -117,10 +121,12 @@ def _record(model: torch.nn.Module, x: torch.Tensor, phase: str, rounds: int,
             sm(x).square().mean().backward()
         ex.synchronize()
         wall = time.perf_counter() - t0
-        return wall - ex.blocked_s if bench_ex else sm.profile().total["trusted_s"]
+        cpu = time.thread_time() - c0
+        return (wall - ex.blocked_s if bench_ex else sm.profile().total["trusted_s"]), cpu
 
     step()  # warm-up (planner pilot, caches)
-    trusted = statistics.median(step() for _ in range(rounds))
+    steps = [step() for _ in range(rounds)]
+    trusted = (statistics.median(s[0] for s in steps), statistics.median(s[1] for s in steps))
     ex.verifier = Recorder()
     step()
     ex.verifier = None
@@ -128,8 +134,10 @@ def _record(model: torch.nn.Module, x: torch.Tensor, phase: str, rounds: int,
     return log, trusted
 
 
-def _replay(cls: type, log: list) -> float:
-    """Verification seconds (as the verifier counts them) to check the recorded events with ``cls``."""
+def _replay(cls: type, log: list) -> tuple[float, float]:
+    """Verification seconds (as the verifier counts them, wall) to check the recorded events with ``cls``,
+    and the CPU time of this thread over the replay (all of it with one torch thread)."""
+    c0 = time.thread_time()
     v = cls()
     for ev in log:
         kind = ev[0]
@@ -145,7 +153,7 @@ def _replay(cls: type, log: list) -> float:
         else:
             _, key, request, result = ev
             v.check_backward(key, request, {s: dict(d) for s, d in result.items()})
-    return v.stats()["seconds"]
+    return v.stats()["seconds"], time.thread_time() - c0
 
 
 def replay_main(a: argparse.Namespace) -> None:
@@ -168,19 +176,21 @@ def replay_main(a: argparse.Namespace) -> None:
                  "baseline": a.baseline, "phases": {}}
     for phase in (["infer", "train"] if a.phase == "both" else [a.phase]):
         log, trusted = _record(model, x, phase, a.rounds, a.placement)
-        secs: dict[str, list[float]] = {k: [] for k in classes}
+        secs: dict[str, list[tuple[float, float]]] = {k: [] for k in classes}
         for r in range(a.rounds):
             order = list(classes) if r % 2 == 0 else list(reversed(classes))
             for k in order:
                 secs[k].append(_replay(classes[k], log))
-        res: dict = {"asym_trusted_s": trusted}
+        res: dict = {"asym_trusted_s": trusted[0], "asym_trusted_cpu_s": trusted[1]}
         for k, v in secs.items():
-            res[k] = {"verify_s": [round(t, 4) for t in v], "median_s": statistics.median(v),
-                      "overhead": statistics.median(v) / trusted}
+            wall, cpu = [t[0] for t in v], [t[1] for t in v]
+            res[k] = {"verify_s": [round(t, 4) for t in wall], "verify_cpu_s": [round(t, 4) for t in cpu],
+                      "overhead": statistics.median(wall) / trusted[0],
+                      "overhead_cpu": statistics.median(cpu) / trusted[1]}
         if "before" in secs:
             for k in secs:
                 if k != "before":
-                    res[f"{k}_over_before_per_round"] = [round(b / c, 3) for b, c in zip(secs[k], secs["before"])]
+                    res[f"{k}_over_before_per_round_cpu"] = [round(b[1] / c[1], 3) for b, c in zip(secs[k], secs["before"])]
         out["phases"][phase] = res
         del log
     print(json.dumps(out, indent=1))

@@ -93,3 +93,81 @@ def test_channels_last_tensors(case):
     b["param_grads"]["c1.weight"] = b["param_grads"]["c1.weight"] * 1.5
     with pytest.raises(IntegrityError, match="c1.weight"):
         _run_checks(Verifier(), c, f, b)
+
+
+# ------------------------------------------------------------------ sampled randomized checks
+def _scaled(fwd, bwd):
+    f, b = _copy(fwd, bwd)
+    f["a"] = f["a"] * 1.5
+    return f, b
+
+
+def test_sampling_catches_a_persistent_tamper_within_max_gap_jobs(case):
+    """Past the warm-up a job is drawn with probability ``sample``; a layer is never left unchecked for
+    ``max_gap`` jobs in a row, so a tamper in every job is caught by job ``max_gap`` at the latest."""
+    c, fwd, bwd = case
+    caught_at = []
+    for _ in range(12):
+        v = Verifier(sample=0.25, warmup=0, max_gap=4)
+        for job in range(1, 5):
+            try:
+                _run_checks(v, c, *_scaled(fwd, bwd))
+            except IntegrityError:
+                caught_at.append(job)
+                break
+        else:
+            pytest.fail("a persistent ×1.5 tamper survived max_gap=4 jobs")
+    assert max(caught_at) <= 4
+    assert len(set(caught_at)) > 1  # the draw is random: not always the same job
+
+
+def test_sampled_out_jobs_still_get_the_basic_checks(case):
+    c, fwd, bwd = case
+    v = Verifier(sample=1e-12, warmup=0, max_gap=None)  # practically never drawn
+    for _ in range(3):
+        _run_checks(v, c, *_scaled(fwd, bwd))  # a finite tamper in an undrawn job passes...
+    st = v.stats()
+    assert st["full"] == 0 and st["sampled_out"] == 3
+    for tamper, match in ((lambda f: f.__setitem__("a", f["a"].clone().fill_(float("nan"))), "NaN"),
+                          (lambda f: f.__setitem__("a", f["a"][..., :-1]), "shape"),
+                          (lambda f: f.__setitem__("l", f["l"].long()), "dtype")):
+        f, b = _copy(fwd, bwd)
+        tamper(f)
+        with pytest.raises(IntegrityError, match=match):  # ...but non-finite, reshaped, recast ones never do
+            _run_checks(v, c, f, b)
+    b2 = _copy(fwd, bwd)[1]
+    b2["input_grads"]["in1"] = b2["input_grads"]["in1"] * float("nan")
+    with pytest.raises(IntegrityError, match="NaN"):
+        _run_checks(v, c, fwd, b2)
+
+
+def test_warm_up_jobs_are_always_checked(case):
+    c, fwd, bwd = case
+    for job in range(2):
+        v = Verifier(sample=1e-12, warmup=2, max_gap=None)
+        for _ in range(job):
+            _run_checks(v, c, fwd, bwd)
+        with pytest.raises(IntegrityError, match="randomized check"):
+            _run_checks(v, c, *_scaled(fwd, bwd))
+
+
+def test_sampled_honest_jobs_pass_and_are_counted(case):
+    c, fwd, bwd = case
+    v = Verifier(sample=0.5, warmup=1, max_gap=3)
+    for _ in range(8):
+        _run_checks(v, c, fwd, bwd)
+    st = v.stats()
+    assert st["failures"] == 0 and st["full"] + st["sampled_out"] == 8 and st["full"] >= 3
+
+
+def test_detection_probability():
+    v = Verifier(sample=0.25, warmup=2, max_gap=8)
+    assert v.detection_probability() == pytest.approx(0.25)
+    assert v.detection_probability(4) == pytest.approx(1 - 0.75 ** 4)
+    assert v.detection_probability(8) == 1.0
+    assert v.detection_probability(1, per_check=0.5) == pytest.approx(0.125)
+    assert Verifier(sample=1.0).detection_probability() == 1.0
+    assert Verifier(sample=0.5, max_gap=None).detection_probability(3) == pytest.approx(0.875)
+    for bad in (dict(sample=0.0), dict(sample=1.5), dict(warmup=-1), dict(max_gap=0)):
+        with pytest.raises(ValueError):
+            Verifier(**bad)
