@@ -34,11 +34,12 @@ Gaussians (:meth:`SecureGenerator.standard_normal`)
     to chunk and the result written into a caller's reused buffer (``out=``).  Chunk ``c`` reads the keystream
     at a fixed offset (ChaCha20's block counter), so a draw can be shared out between threads (``threads``,
     ``executor``) and still give the same numbers.  Measured on this project's 2-core Xeon (AVX-512; one
-    thread, ``python scripts/bench_noise.py``): keystream ~1 ns per normal (ChaCha20 3.4 GB/s; AES-128-CTR with
-    AES-NI measured 3.5 GB/s here, no gain, so ChaCha20 stays: constant-time without AES-NI, 256-bit key);
-    1 draw ~130-150 M normals/s, 4 draws ~26 M/s, against 5-9 M/s for the previous whole-tensor float64 code
-    and ~107 M/s for ``torch.randn`` on one thread.  :class:`~asymml.privacy.noise.ReleaseMechanism` also
-    generates the next expected draw in the background (prefetch), off the trusted side's critical path.
+    thread, ``python scripts/bench_noise.py``; the box is shared, figures from its quieter moments): keystream
+    ~1 ns per normal (ChaCha20 3.4 GB/s; AES-128-CTR with AES-NI measured 3.5 GB/s here, no gain, so ChaCha20
+    stays: constant-time without AES-NI, 256-bit key); 1 draw 125-150 M normals/s, 4 draws 25-31 M/s, against
+    8-11 M/s for the previous whole-tensor float64 code and 75-210 M/s for ``torch.randn`` on one thread.
+    :class:`~asymml.privacy.noise.ReleaseMechanism` also generates the next expected draws in the background
+    (prefetch), off the trusted side's critical path.
 
     *Floating-point hardening: what it defends against.*  A floating-point noise sample takes values in a
     known, sparse set; an observer of ``fl(x + noise)`` can test a candidate ``x`` by asking whether
@@ -274,10 +275,10 @@ def single_threaded() -> Iterator[None]:
     """Run torch's CPU kernels on the calling thread only, for the duration (this thread's OpenMP setting;
     every other thread and torch's global setting are untouched).
 
-    Why: torch's float64 ``log``/``sqrt``/``cos``/``sin`` go parallel above ~2048 elements, so a chunk of the
-    noise kernel would wake the OpenMP workers ~15 times per 32k elements; on a busy 2-core machine each wake
-    waited a scheduler slice (10 ms calls measured instead of 40 us).  The kernel's chunks are sized for one
-    thread; parallelism comes from running chunks on several threads (``threads``)."""
+    Why: torch's float64 ``log``/``sqrt``/``cos``/``sin`` go parallel on far smaller sizes than the kernel's
+    chunks, so each chunk would wake the OpenMP workers several times; on the busy 2-core box such calls took
+    ~10 ms instead of ~40 us, and a 2-thread process drew 2-30 M normals/s instead of 55-130.  The kernel's
+    chunks are sized for one thread; parallelism comes from running chunks on several threads (``threads``)."""
     global _OMP_SET_NUM_THREADS
     n = torch.get_num_threads()  # this thread's OpenMP setting (and torch's lazy per-thread initialisation)
     if _OMP_SET_NUM_THREADS is None or n == 1:
