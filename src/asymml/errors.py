@@ -57,3 +57,7 @@ class IntegrityError(AsymmlError, RuntimeError):
 
 class PrivacyConfigError(ConfigError):
     """A configuration whose reported privacy guarantee would not hold (e.g. samples coupled under noise)."""
+
+
+class PeerLostError(AsymmlError, ConnectionError):
+    """Another rank of a data-parallel run died, hung past the collective timeout, or cannot be reached."""

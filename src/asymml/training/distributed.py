@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import AsymmlError, ConfigError
+from ..errors import ConfigError, PeerLostError
 
 __all__ = ["DistributedContext", "PeerLostError", "gloo_tls_available", "init_from_env", "is_loopback",
            "launched_world_size", "rank_device", "TLS_ENV"]
@@ -43,10 +43,6 @@ __all__ = ["DistributedContext", "PeerLostError", "gloo_tls_available", "init_fr
 TLS_ENV = ("GLOO_DEVICE_TRANSPORT_TCP_TLS_PKEY", "GLOO_DEVICE_TRANSPORT_TCP_TLS_CERT",
            "GLOO_DEVICE_TRANSPORT_TCP_TLS_CA_FILE")
 """The environment variables PyTorch's gloo TLS transport reads: private key, certificate, CA file (PEM)."""
-
-
-class PeerLostError(AsymmlError, ConnectionError):
-    """Another rank of a data-parallel run died, hung past the collective timeout, or cannot be reached."""
 
 
 def launched_world_size() -> int:
