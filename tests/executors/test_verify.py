@@ -167,6 +167,10 @@ def test_detection_probability():
     assert v.detection_probability(8) == 1.0
     assert v.detection_probability(1, per_check=0.5) == pytest.approx(0.125)
     assert Verifier(sample=1.0).detection_probability() == 1.0
+    sm = v.summary()
+    assert (sm["sample"], sm["max_gap"], sm["caught_within_jobs"], sm["checks"]) == (0.25, 8, 8, 0)
+    assert sm["detection_per_job"] == pytest.approx(0.25)
+    assert Verifier(sample=1.0).summary()["caught_within_jobs"] == 1
     assert Verifier(sample=0.5, max_gap=None).detection_probability(3) == pytest.approx(0.875)
     for bad in (dict(sample=0.0), dict(sample=1.5), dict(warmup=-1), dict(max_gap=0)):
         with pytest.raises(ValueError):

@@ -550,6 +550,17 @@ class Verifier:
         with self._lock:
             self._stats = self._zero_stats()
 
+    def summary(self) -> dict[str, Any]:
+        """What a report should print next to the overhead (``seconds`` per step over asym trusted time):
+        the settings, ``detection_per_job`` (a layer's result tampered in one job past the warm-up is caught
+        with this probability, when one randomized check catches it, as :func:`measure_detection` finds for
+        tampers above the tolerance), ``caught_within_jobs`` (a tamper in every job of a layer is caught by
+        then at the latest; None: no bound; other horizons from :meth:`detection_probability`), and
+        :meth:`stats`."""
+        return {"rounds": self.rounds, "rtol": self.rtol, "sample": self.sample, "warmup": self.warmup,
+                "max_gap": self.max_gap, "detection_per_job": self.detection_probability(1),
+                "caught_within_jobs": 1 if self.sample >= 1.0 else self.max_gap, **self.stats()}
+
     def detection_probability(self, jobs: int = 1, per_check: float = 1.0) -> float:
         """Lower bound on the probability that a layer whose result is tampered in ``jobs`` consecutive jobs
         after its warm-up is caught, where one randomized check catches that tamper with probability
