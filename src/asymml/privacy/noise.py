@@ -496,7 +496,8 @@ class ReleaseMechanism:
         Noise comes from the mechanism's own generator; ``generator`` overrides it for this call (a
         ``torch.Generator`` is insecure and warns).  ``inplace=True``: write the release over ``r`` and
         return ``r`` (no new full-size tensor; for a residual nobody reads afterwards, e.g. the runtime's own;
-        ignored when ``r`` needs autograd)."""
+        only for a CPU ``r`` that is contiguous or channels-last and does not need autograd -- otherwise a new
+        tensor is returned as usual: always use the return value)."""
         if not isinstance(r, Tensor) or r.dim() == 0:
             raise ValueError("release must be a tensor with a leading sample dimension")
         if not r.is_floating_point():
