@@ -12,8 +12,10 @@ seconds per step as a fraction of a forward+backward without it), ``detection`` 
 
 ``--replay``: before/after on the same work. One asym step per phase (``infer``: eval + no_grad;
 ``train``: forward + backward) runs with a recording verifier that keeps every release and reply; then the
-recorded checks are replayed through the current :class:`~asymml.executors.verify.Verifier` and, with
-``--baseline``, through the one at that git revision, in paired interleaved rounds (order alternating).
+recorded checks are replayed through the current :class:`~asymml.executors.verify.Verifier` checking every
+job (``after_every_job``), with ``--sample P`` also past its warm-up with sampling ``P`` (the default is
+``verify.SAMPLE``), and with ``--baseline`` through the one at that git revision, in paired interleaved
+rounds (order alternating).
 The denominator is the asym trusted time of the same step without verification (median of ``--rounds``
 steps, accelerator jobs serialized as in ``asymml bench``: wall time minus waits on the accelerator), and
 its CPU time (the trusted thread's). On a shared machine prefer OMP_NUM_THREADS=1 and the ``*_cpu``
@@ -165,10 +167,10 @@ def replay_main(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, a.model)(num_classes=1000)
     x = torch.randn(a.batch, 3, a.size, a.size)
-    classes: dict = {"after": Verifier}
-    if a.sample is not None:  # steady state: past the warm-up, each job checked with probability a.sample
-        import functools
+    import functools
 
+    classes: dict = {"after_every_job": functools.partial(Verifier, sample=1.0)}
+    if a.sample is not None:  # steady state: past the warm-up, each job checked with probability a.sample
         classes[f"after_sample{a.sample}"] = functools.partial(Verifier, sample=a.sample, warmup=0)
     if a.baseline:
         classes["before"] = _baseline_verifier(a.baseline)

@@ -175,3 +175,22 @@ def test_detection_probability():
     for bad in (dict(sample=0.0), dict(sample=1.5), dict(warmup=-1), dict(max_gap=0)):
         with pytest.raises(ValueError):
             Verifier(**bad)
+
+
+def test_checks_run_single_threaded_and_restore_the_thread_count(case):
+    c, fwd, bwd = case
+    n = torch.get_num_threads()
+    seen = []
+    v = Verifier(threads=1)
+    orig = v._tensor_ok
+    v._tensor_ok = lambda *a: (seen.append(torch.get_num_threads()), orig(*a))[1]
+    try:
+        torch.set_num_threads(2)
+        _run_checks(v, c, fwd, bwd)
+        assert torch.get_num_threads() == 2 and set(seen) == {1}
+        f, b = _scaled(fwd, bwd)
+        with pytest.raises(IntegrityError):
+            _run_checks(v, c, f, b)
+        assert torch.get_num_threads() == 2  # restored after a failed check too
+    finally:
+        torch.set_num_threads(n)
