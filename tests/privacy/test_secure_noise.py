@@ -201,10 +201,16 @@ def test_throughput_is_millions_per_second() -> None:
 
     g = SecureGenerator()
     n = 1 << 20
-    t0 = time.perf_counter()
-    g.standard_normal((n,), label="b", index=0)
-    rate = n / (time.perf_counter() - t0)
-    assert rate > 5e5  # generous: a loaded 2-core CI box; measured ~8e6/s on one thread
+    rates = {}
+    for draws in (4, 1):  # best of 3 each: a loaded 2-core CI box stalls single runs
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            g.standard_normal((n,), label="b", index=0, draws=draws)
+            best = max(best, n / (time.perf_counter() - t0))
+        rates[draws] = best
+    # generous floors; measured 25-31e6/s (4 draws) and 125-150e6/s (1 draw) on one thread here
+    assert rates[4] > 2e6 and rates[1] > 1e7, rates
 
 
 # --------------------------------------------------------------------------- through the split runtime
