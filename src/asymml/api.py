@@ -69,6 +69,7 @@ def split(
     noise_seed: int | None = None,
     placement: str = "auto",
     verify: bool | None = None,
+    micro_batch: int | None = None,
 ) -> SplitModule:
     """Split ``model`` between the trusted context (this process) and ``executor`` (the accelerator).
 
@@ -95,13 +96,16 @@ def split(
             forward results, input and weight gradients); a failed check raises
             :class:`~asymml.errors.IntegrityError`. ``None`` keeps the executor's default (on for
             :class:`~asymml.executors.RemoteExecutor`, off for :class:`~asymml.executors.LocalExecutor`).
+        micro_batch: run inference (no autograd) in micro-batches of this many samples, so the trusted
+            side holds one micro-batch's activations at a time (an enclave-sized working set); results are
+            those of the whole batch. Training (autograd on) keeps the whole batch.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     options = SplitOptions(rank=rank, decomposition=decomposition, backward=backward, mode=mode, iters=iters,
                            basis=basis, input_rank=input_rank, grad_rank=grad_rank, warm_start=warm_start,
                            strict=strict, epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed, audit=audit,
-                           placement=placement, verify=verify)
+                           placement=placement, verify=verify, micro_batch=micro_batch)
     return split_with_options(model, options, noise=noise, executor=executor)
 
 

@@ -187,6 +187,10 @@ class SplitOptions:
     placement: str = _opt("auto", "auto (a cost model calibrated on this machine keeps a layer fully trusted when "
                           "splitting it would not save trusted time), split (every layer that can be), or trusted",
                           _parse_text, choices=PLACEMENTS)
+    micro_batch: int | None = _opt(None, "run inference (no autograd) in micro-batches of this many samples: "
+                                   "the trusted side then holds one micro-batch's activations at a time, which "
+                                   "is what fits an enclave's memory; training keeps the whole batch",
+                                   _optional(_parse_int), "B")
     noise_grads: bool = _opt(True, "also noise released gradient residuals when noise is on", _parse_bool,
                              on_cli=False)
     audit: bool = _opt(False, "record a snapshot of every release in the executor's ledger", _parse_bool,
@@ -213,6 +217,8 @@ class SplitOptions:
         if self.input_rank is not None and (not _is_int(self.input_rank) or self.input_rank < 1):
             raise ConfigError(f"input_rank must be a positive integer or None, got {self.input_rank!r}")
         _positive_int("epc_bytes", self.epc_bytes)
+        if self.micro_batch is not None:
+            _positive_int("micro_batch", self.micro_batch)
         _seed("seed", self.seed)
         if self.noise_seed is not None:
             _seed("noise_seed", self.noise_seed)

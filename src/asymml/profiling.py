@@ -526,9 +526,10 @@ class Recorder:
             obs.split_point(layer, rank, energy_ratio)
 
     def released(self, tensor: Tensor, layer: str, kind: str) -> None:
-        """``tensor`` went to the executor. Forward releases leave the trusted memory count (they live
-        outside the enclave from now on); backward ones are counted as before, as trusted."""
-        if self.meter is not None and kind in ("residual", "activation"):
+        """``tensor`` went to the executor: it is public from now on and may live outside the enclave, so it
+        leaves the trusted memory count (forward residuals and, in backward, gradient residuals or the
+        ``paper`` mode's whole gradients alike)."""
+        if self.meter is not None:
             self.meter.mark_public(tensor)
         for obs in self.observers:
             obs.released(tensor, layer, kind)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .decomposition import AdaptiveRank
 from .errors import InputError
@@ -140,6 +141,25 @@ class SplitModule(nn.Module):
             raise InputError(f"expected one input batch, got {len(args)} positional arguments")
         x = args[0]
         self._check_input(x)
+        mb = self.cfg.micro_batch
+        if mb is not None and x.shape[0] > mb and not torch.is_grad_enabled() and self.cfg.mode != "plain":
+            return self._micro_batched(x, mb)
+        return self._forward(x)
+
+    def _micro_batched(self, x: Tensor, mb: int) -> Any:
+        """Inference micro-batch by micro-batch (each sample's result does not depend on the others': no
+        autograd, and any train-mode BatchNorm is refused below), outputs concatenated along the batch."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()):
+            raise InputError("micro_batch needs eval-mode BatchNorm: train-mode BatchNorm normalises with the "
+                             "statistics of the whole batch (call model.eval(), or leave micro_batch unset)")
+        outs = [self._forward(c) for c in x.split(mb)]
+        leaves0, spec = tree_flatten(outs[0])
+        flat = [tree_flatten(o)[0] for o in outs]
+        merged = [torch.cat([f[i] for f in flat]) if isinstance(leaf, Tensor) and leaf.dim() > 0 else leaf
+                  for i, leaf in enumerate(leaves0)]
+        return tree_unflatten(merged, spec)
+
+    def _forward(self, x: Tensor) -> Any:
         mode = self.cfg.mode
         if x.dim() == 4 and mode != "plain":
             # the trusted side works channels-last: oneDNN's convolutions, pooling and the per-sample

@@ -34,3 +34,4 @@ class SplitConfig:
     seed: int = 0
     noise_seed: int | None = None
     placement: str = "auto"
+    micro_batch: int | None = None

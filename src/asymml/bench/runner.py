@@ -91,6 +91,7 @@ class BenchConfig:
     input_rank: int | None = _split_field("input_rank")
     grad_rank: int | tuple[int, ...] | str | None = _split_field("grad_rank")
     warm_start: bool = _split_field("warm_start")
+    micro_batch: int | None = _split_field("micro_batch")  # inference of every trusted mode, micro-batched
     repeats: int = 5
     rounds: int | None = None  # paired rounds; None: max(MIN_ROUNDS, repeats)
     warmup: int = 1
