@@ -252,18 +252,6 @@ class SplitModule(nn.Module):
         if not torch.isfinite(x).all():
             raise InputError("input contains NaN or Inf values")
 
-    # the release path's state under its former names (tests/core/test_ledger_boundary.py reads them)
-    @property
-    def _gen(self) -> torch.Generator:
-        return self.release_path.generator
-
-    @property
-    def _warm_starts(self) -> bool:
-        return self.release_path.warm_starts
-
-    def _starts(self) -> torch.Generator:
-        return self.release_path.starts()
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"mode={c.mode}, rank={c.rank}, decomposition={c.decomposition}, backward={c.backward}, "

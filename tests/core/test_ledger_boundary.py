@@ -187,11 +187,11 @@ def test_noised_power_starts_are_secret_and_fresh() -> None:
     other samples are in the batch), and warm starts are off; without noise the seeded stream is used."""
     model = asymml.fix(get_model("resnet20", num_classes=10), privacy=True)
     noised = asymml.split(model, noise=NoiseConfig(sigma=1.0, clip=1.0))
-    a, b = noised._starts(), noised._starts()
-    assert a is not noised._gen and a.initial_seed() != b.initial_seed()
-    assert not noised._warm_starts
+    a, b = noised.release_path.starts(), noised.release_path.starts()
+    assert a is not noised.release_path.generator and a.initial_seed() != b.initial_seed()
+    assert not noised.release_path.warm_starts
     plain = asymml.split(model)
-    assert plain._starts() is plain._gen and plain._warm_starts
+    assert plain.release_path.starts() is plain.release_path.generator and plain.release_path.warm_starts
 
 
 def test_updated_weights_and_running_statistics_are_private_derived() -> None:
