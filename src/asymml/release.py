@@ -10,6 +10,7 @@ mechanism's key stays in memory and a resumed run draws fresh noise).
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from typing import Any
 
@@ -38,6 +39,8 @@ class ReleasePath:
         self.cfg = cfg
         self.executor = executor
         self.mechanism = mechanism
+        # a mechanism that can write its release over the residual (asymml's own) says so in its signature
+        self._mech_inplace = mechanism is not None and "inplace" in inspect.signature(mechanism).parameters
         self.recorder = recorder if recorder is not None else Recorder()
         #: random starts of the decomposition (seeded by ``cfg.seed``; used only without noise)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -98,7 +101,13 @@ class ReleasePath:
         rel = R.reshape(shape)
         with rec.label("release"):
             if noised and self.mechanism is not None:
-                rel = self.mechanism(rel, layer=layer)
+                # noise over the residual itself when it is a tensor of its own (or may overwrite X): no
+                # second full-size tensor per release
+                if self._mech_inplace:
+                    own = inplace or rel.untyped_storage().data_ptr() != X3.untyped_storage().data_ptr()
+                    rel = self.mechanism(rel, layer=layer, inplace=own)
+                else:
+                    rel = self.mechanism(rel, layer=layer)
             h = self.executor.release(rel, layer=layer, kind=kind)
         rec.released(rel, layer, kind)
         return f, h, rel

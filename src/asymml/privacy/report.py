@@ -442,8 +442,9 @@ NOTES = [
     "Opacus' RDP accountant, amplified by Poisson sampling drawn from the secure generator (sampling). "
     "None = infinite (no noise). A row whose covers lacks 'updates' reports only the releases' epsilon: the "
     "accelerator also sees the weight updates, which that figure does not cover.",
-    "noise and Poisson masks: ChaCha20 under a 256-bit OS key (asymml.privacy.secure_rng), hardened Gaussians "
-    "(sum of 4 Box-Muller draws, as Opacus' secure_mode); the key is never stored. Models use GroupNorm and noised "
+    "noise and Poisson masks: ChaCha20 under a 256-bit OS key (asymml.privacy.secure_rng): float64 Box-Muller "
+    "noise rounded once into float32 releases; 4 draws summed for float64 releases (Opacus secure_mode); the key "
+    "is never stored. Models use GroupNorm and noised "
     "modes split with per-sample bases and cold starts, so each release depends on one sample.",
     "inversion_npsnr / inversion_nssim: PSNR / SSIM after a per-image, per-channel affine fit of the reconstruction "
     "to the target (scale-invariant: brightness and colour a public decoder cannot know do not count); "
