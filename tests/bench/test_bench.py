@@ -99,6 +99,12 @@ def test_per_mode_semantics(result: dict) -> None:
             assert "grad" not in r["released_by_kind"]  # protected mode never releases a full gradient
         if r["mode"] == "asym" and r["backward"] == "paper":
             assert r["released_by_kind"].get("grad", 0) > 0
+        if r["mode"] == "noise-only":  # where the noise time went (generated ahead or on the critical path)
+            nz = r["noise"]
+            assert nz["releases"] > 0 and nz["elements"] > 0 and nz["samples"] > 0
+            assert nz["hits"] + nz["late"] + nz["misses"] == nz["releases"]
+        else:
+            assert r["noise"] is None
 
 
 def test_derived_formulas(result: dict) -> None:
