@@ -11,7 +11,7 @@ from .decomposition import RankPolicy
 from .errors import ConfigError
 from .executors.base import Executor
 from .executors.local import LocalExecutor
-from .options import SplitOptions
+from .options import VERIFY_SAMPLE, SplitOptions
 from .profiling import EPC_DEFAULT_BYTES
 from .runtime import SplitConfig, SplitModule
 
@@ -70,6 +70,7 @@ def split(
     placement: str = "auto",
     verify: bool | None = None,
     micro_batch: int | None = None,
+    verify_sample: float = VERIFY_SAMPLE,
 ) -> SplitModule:
     """Split ``model`` between the trusted context (this process) and ``executor`` (the accelerator).
 
@@ -96,6 +97,8 @@ def split(
             forward results, input and weight gradients); a failed check raises
             :class:`~asymml.errors.IntegrityError`. ``None`` keeps the executor's default (on for
             :class:`~asymml.executors.RemoteExecutor`, off for :class:`~asymml.executors.LocalExecutor`).
+        verify_sample: with verification on, the share of each layer's jobs that also get the randomized
+            check (secret draw; a layer's first jobs and one in every 8 always do); 1 checks every job.
         micro_batch: run inference (no autograd) in micro-batches of this many samples, so the trusted
             side holds one micro-batch's activations at a time (an enclave-sized working set); results are
             those of the whole batch. Training (autograd on) keeps the whole batch.
@@ -105,7 +108,8 @@ def split(
     options = SplitOptions(rank=rank, decomposition=decomposition, backward=backward, mode=mode, iters=iters,
                            basis=basis, input_rank=input_rank, grad_rank=grad_rank, warm_start=warm_start,
                            strict=strict, epc_bytes=epc_bytes, seed=seed, noise_seed=noise_seed, audit=audit,
-                           placement=placement, verify=verify, micro_batch=micro_batch)
+                           placement=placement, verify=verify, micro_batch=micro_batch,
+                           verify_sample=verify_sample)
     return split_with_options(model, options, noise=noise, executor=executor)
 
 
@@ -128,6 +132,7 @@ def split_with_options(model: nn.Module, options: SplitOptions, *, noise: Any = 
         executor.ledger.audit = True
     if options.verify is not None:  # None keeps the executor's default (on for remote executors)
         executor.verify = options.verify
+    executor.set_verify_sample(options.verify_sample)
     return SplitModule(model, _runtime_config(options), executor, mech)
 
 

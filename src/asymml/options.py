@@ -25,6 +25,7 @@ from typing import Any
 
 from .decomposition import BASES, METHODS, RankPolicy, parse_rank
 from .errors import ConfigError
+from .executors.verify import SAMPLE as VERIFY_SAMPLE
 from .planner import PLACEMENTS
 from .profiling import EPC_DEFAULT_BYTES
 
@@ -98,6 +99,17 @@ def _parse_int(v: Any) -> int:
         except ValueError:
             pass
     raise ConfigError(f"expected an integer, got {v!r}")
+
+
+def _parse_float(v: Any) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"expected a number, got {v!r}")
 
 
 def _parse_bool(v: Any) -> bool:
@@ -184,6 +196,10 @@ class SplitOptions:
     verify: bool | None = _opt(None, "check every accelerator result (shape, dtype, finiteness and a randomized "
                                "projection check); default: on for remote accelerators, off for local ones",
                                _optional(_parse_bool))
+    verify_sample: float = _opt(VERIFY_SAMPLE, "with verify on: share of each layer's accelerator jobs that also get "
+                                "the randomized projection check (a secret draw; a layer's first jobs and one in "
+                                "every 8 always do; shape, dtype and finiteness are checked on every job); 1 checks "
+                                "every job", _parse_float, "P")
     placement: str = _opt("auto", "auto (a cost model calibrated on this machine keeps a layer fully trusted when "
                           "splitting it would not save trusted time), split (every layer that can be), or trusted",
                           _parse_text, choices=PLACEMENTS)
@@ -217,6 +233,9 @@ class SplitOptions:
         if self.input_rank is not None and (not _is_int(self.input_rank) or self.input_rank < 1):
             raise ConfigError(f"input_rank must be a positive integer or None, got {self.input_rank!r}")
         _positive_int("epc_bytes", self.epc_bytes)
+        if isinstance(self.verify_sample, bool) or not isinstance(self.verify_sample, (int, float)) or not (
+                0.0 < self.verify_sample <= 1.0):
+            raise ConfigError(f"verify_sample must be a number in (0, 1], got {self.verify_sample!r}")
         if self.micro_batch is not None:
             _positive_int("micro_batch", self.micro_batch)
         _seed("seed", self.seed)

@@ -349,3 +349,15 @@ def test_memory_meter_ignores_views_of_weights() -> None:
         meter.add(x)
         lin(x)
     assert meter.peak <= 2 * x.numel() * 4 + 4096  # the input and the output, not the weight
+
+
+def test_verify_variant_reports_overhead_and_detection() -> None:
+    res = run_bench(_tiny(verify=True, verify_sample=0.5, phases=("infer",), modes=("trusted-only", "asym")),
+                    log=lambda s: None)
+    v = next(r for r in res["runs"] if r.get("variant") == "verify")
+    assert v["verify"]["sample"] == 0.5 and v["verify"]["checks"] > 0
+    assert next(r for r in res["runs"] if r["mode"] == "asym" and not r.get("variant"))["verify"] is None
+    d = next(d for d in res["derived"] if d.get("variant") == "verify")
+    assert d["verify_detection_per_job"] == pytest.approx(0.5)
+    assert d["trusted_overhead_vs_asym"] is not None and d["trusted_overhead_vs_asym"] > -1
+    assert "trusted_overhead_vs_asym" not in next(d for d in res["derived"] if not d.get("variant"))

@@ -106,6 +106,15 @@ DEFINITIONS: dict[str, str] = {
         "asym instances beside the default one: 'verify' (the runtime checks accelerator results; --verify) and "
         "'noise' (Gaussian noise of sigma --noise on every release, clipped at --clip); each is compared with "
         "trusted-only like asym."),
+    "trusted_overhead_vs_asym": (
+        "variants only: median over rounds of the per-round ratio trusted_s(variant) / trusted_s(asym, same "
+        "backward) minus 1: the trusted time verification or noise adds."),
+    "verify_detection_per_job": (
+        "verify variant: probability that a layer's result tampered in one job (after the layer's first, always "
+        "checked, jobs) is caught by the randomized check, = verify_sample when one check catches the tamper "
+        "(measured 1.0 for tampers above the tolerance); a tamper kept up for k jobs is caught with probability "
+        "1 - (1 - verify_sample)^k, and within 8 jobs at the latest. Shape, dtype and finiteness are checked on "
+        "every job."),
     "busy": (
         "environment.busy: the 1-minute load average before the run exceeded the CPU count, or after it "
         "exceeded the CPU count plus the bench's torch threads; figures from a busy machine include contention."),
@@ -224,8 +233,27 @@ def derive(runs: Iterable[Mapping[str, Any]], ratio: float = DEFAULT_SPEED_RATIO
             if sv is not None:
                 d["sweep_value"] = sv
             d.update(derive_one(to, asym, pl, ratio, bootstrap=bootstrap, seed=seed))
+            if asym.get("variant"):
+                base = next((v for v in rs if v["mode"] == "asym" and not v.get("variant")
+                             and v.get("backward") == asym.get("backward")), None)
+                d["trusted_overhead_vs_asym"] = _overhead(asym, base)
+                if asym.get("verify"):
+                    d["verify_detection_per_job"] = asym["verify"].get("detection_per_job")
+                    d["verify_sample"] = asym["verify"].get("sample")
             out.append(d)
     return out
+
+
+def _overhead(variant: Mapping[str, Any], base: Mapping[str, Any] | None) -> float | None:
+    """Median over rounds of trusted_s(variant) / trusted_s(asym) - 1 (rounds paired by index)."""
+    if base is None:
+        return None
+    a, b = variant.get("samples", {}).get("trusted_s"), base.get("samples", {}).get("trusted_s")
+    if a and b and len(a) == len(b):
+        ratios = [x / y for x, y in zip(a, b) if y > 0]
+        return statistics.median(ratios) - 1.0 if ratios else None
+    r = _ratio(variant.get("trusted_s"), base.get("trusted_s"))
+    return None if r is None else r - 1.0
 
 
 # ------------------------------------------------------------------------------ analytic conv limit

@@ -87,6 +87,18 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"{_f(d['asym_vs_plain'])} | {_f(d['end_to_end_speedup'])}× | {_f(d['projected_speedup'])}× | "
                 f"{_f(d.get('projected_sgx1_speedup'))}× (projection) |"
             )
+    variants = [d for d in der if d.get("variant")]
+    if variants:
+        out += ["", "What the variants add to asym's trusted time (median of per-round ratios):", "",
+                f"{sv_h}| model | input | batch | phase | asym | trusted overhead vs asym | verification: "
+                "checked share of jobs, detection per tampered job |", "|" + "---|" * (7 + sweep)]
+        for d in variants:
+            sv = f"| {d.get('sweep_value')} " if sweep else ""
+            ov = d.get("trusted_overhead_vs_asym")
+            det = d.get("verify_detection_per_job")
+            vs = "–" if det is None else f"{d.get('verify_sample'):g}, {det:.2f} (within 8 jobs: 1)"
+            out.append(f"{sv}| {d['model']} | {d['input_size']} | {d['batch_size']} | {d['phase']} | {d['label']} | "
+                       f"{'–' if ov is None else f'{100 * ov:+.1f}%'} | {vs} |")
     split = [r for r in runs if r["mode"] in ("asym", "noise-only") and r.get("breakdown")]
     if split:
         out += ["", "Trusted time of the split modes, ms (last timed step):", "",

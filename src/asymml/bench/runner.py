@@ -91,6 +91,7 @@ class BenchConfig:
     input_rank: int | None = _split_field("input_rank")
     grad_rank: int | tuple[int, ...] | str | None = _split_field("grad_rank")
     warm_start: bool = _split_field("warm_start")
+    verify_sample: float = _split_field("verify_sample")  # of the +verify variant
     micro_batch: int | None = _split_field("micro_batch")  # inference of every trusted mode, micro-batched
     repeats: int = 5
     rounds: int | None = None  # paired rounds; None: max(MIN_ROUNDS, repeats)
@@ -567,6 +568,9 @@ class BenchRunner:
         noise_stats = getattr(mech, "noise_stats", None)
         if noise_stats is not None:
             mech.reset_noise_stats()
+        verifier = getattr(sm.executor, "verifier", None)
+        if verifier is not None:
+            verifier.reset_stats()
         t0 = time.perf_counter()
         self._step(e, phase, x, y)
         wall = time.perf_counter() - t0
@@ -614,6 +618,8 @@ class BenchRunner:
             # noise generated ahead on the mechanism's prefetch thread (while the trusted side waits for the
             # accelerator) is not trusted critical-path time, but it is trusted CPU time: reported here
             rec["noise"] = noise_stats()
+        if verifier is not None:  # settings, detection probability per job, checks run and their seconds
+            rec["verify"] = verifier.summary()
         return rec
 
     def _instrumented_step(self, e: _Entry, phase: str, x: Tensor, y: Tensor) -> dict[str, Any]:
@@ -902,6 +908,7 @@ class BenchRunner:
             "runtime_blocked_s": e.last.get("runtime_blocked_s"),
             "breakdown": e.last.get("breakdown", {}),
             "noise": e.last.get("noise"),
+            "verify": e.last.get("verify"),
             "roofline_s": None if roof is None else roof["roofline_s"],
             "roofline": roof,
             "roofline_fraction": (None if roof is None or not med["trusted_s"]

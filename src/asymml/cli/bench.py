@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("split settings")
     # defined once in asymml.options.SplitOptions (--warm-start/--no-warm-start, ...)
     add_arguments(s, include=("rank", "decomposition", "iters", "basis", "input_rank", "grad_rank", "warm_start",
-                         "micro_batch"))
+                         "micro_batch", "verify_sample"))
     s.add_argument("--noise-sigma", type=float, default=1.0, help="noise multiplier of the noise-only mode [default: 1]")
     s.add_argument("--asym-sigma", type=float, default=None,
                    help="also noise asym's releases (default: no noise)")
@@ -131,7 +131,7 @@ def _config(args: argparse.Namespace):
         batch_sizes=_flat(args.batch_size, [32]), phases=phases, modes=tuple(args.modes),
         backwards=tuple(args.backward), rank=args.rank, decomposition=args.decomposition, iters=args.iters,
         basis=args.basis, input_rank=args.input_rank, grad_rank=args.grad_rank, warm_start=args.warm_start,
-        micro_batch=args.micro_batch,
+        micro_batch=args.micro_batch, verify_sample=args.verify_sample,
         repeats=args.repeats, warmup=args.warmup, device=args.device, speed_ratio=args.speed_ratio,
         noise_sigma=args.noise_sigma, clip=args.clip, asym_sigma=args.asym_sigma,
         epc_bytes=int(args.epc_mib * 2**20), num_classes=args.num_classes, width=args.width,

@@ -22,7 +22,8 @@ Takes an asymml train checkpoint (the model, dataset and split options are read 
 state_dict such as OUT/model.pt (options from the summary.json beside it, or from --model, --dataset, ...).
 Options not given default to the training run's."""
 
-EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify", "model",
+EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify",
+                "verify_sample", "model",
                 "width", "norm", "dataset", "data_dir", "image_size", "limit_test", "workers", "rank", "tau", "decomposition",
                 "iters", "basis", "backward", "seed", "threads", "noise", "nsr", "clip")
 

@@ -50,6 +50,14 @@ class Executor(ABC):
     can_verify: bool = False
     verifier: Any = None
 
+    def set_verify_sample(self, sample: float) -> None:
+        """Check ``sample`` (in (0, 1]) of each layer's jobs with the randomized projection check when
+        verification is on (see :class:`~asymml.executors.verify.Verifier`)."""
+        if self.verifier is not None and self.verifier.sample != sample:
+            from .verify import Verifier
+
+            self.verifier = Verifier(device_type=self.device.type, sample=sample)
+
     @property
     def verify(self) -> bool:
         """Whether every accelerator result is checked before use."""

@@ -110,6 +110,8 @@ def build_split(model: nn.Module, cfg: TrainConfig, *, noise: Any = None, device
     extra: dict[str, Any] = {}
     if "placement" in inspect.signature(asymml.split).parameters:
         extra["placement"] = cfg.placement
+    if "verify_sample" in inspect.signature(asymml.split).parameters:
+        extra["verify_sample"] = cfg.verify_sample
     elif cfg.placement == "trusted":
         raise ConfigError("--placement trusted is not supported by this asymml; use --mode trusted-only")
     executor = build_executor(cfg, device)

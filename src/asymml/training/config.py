@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..executors.verify import SAMPLE as VERIFY_SAMPLE
 
 __all__ = [
     "OPTIONS",
@@ -119,6 +120,13 @@ def unit_interval(value: Any) -> float:
     v = _number(value, float)
     if not 0.0 < v < 1.0:
         raise ValueError(f"must be in (0, 1), got {_show(value)}")
+    return v
+
+
+def share(value: Any) -> float:
+    v = _number(value, float)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {_show(value)}")
     return v
 
 
@@ -275,8 +283,12 @@ OPTIONS: tuple[Option, ...] = (
        "execution", metavar="FILE"),
     _o("insecure", flag, False, "allow an unauthenticated, unencrypted link to a non-loopback accelerator "
        "server (only on a network you trust)", "execution", is_flag=True),
-    _o("verify", optional(flag), None, "check every accelerator result: shape, dtype, finiteness and randomized "
-       "Freivalds checks (default: on for a remote server, off in-process)", "execution", is_flag=True),
+    _o("verify", optional(flag), None, "check accelerator results: shape, dtype and finiteness of every result, "
+       "randomized Freivalds checks of a secret share of each layer's jobs (--verify-sample) (default: on for a "
+       "remote server, off in-process)", "execution", is_flag=True),
+    _o("verify_sample", share, VERIFY_SAMPLE, "with verification on: share of each layer's jobs that also "
+       "get the randomized check (secret draw; a layer's first jobs and one in every 8 always do); 1 = every job",
+       "execution", metavar="P"),
     _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
        metavar="N"),
     # data parallel (torchrun / --nproc-per-node)
@@ -375,6 +387,7 @@ RUNTIME_FIELDS = frozenset({
     "data_dir", "download", "workers", "device", "threads", "test_batch_size", "limit_test", "epochs",
     "out", "resume", "progress", "tensorboard", "log_every", "checkpoint_every_steps",
     "checkpoint_every_minutes", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify",
+    "verify_sample",
     "dist_timeout", "trusted_interconnect", "dist_tls",
 })
 
@@ -401,6 +414,7 @@ class TrainConfig:
     tls_ca: str | None = None
     insecure: bool = False
     verify: bool | None = None
+    verify_sample: float = VERIFY_SAMPLE
     threads: int | None = None
     dist_timeout: float = 60.0
     trusted_interconnect: bool = False
