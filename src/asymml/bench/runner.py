@@ -49,6 +49,7 @@ from ..api import split_with_options
 from ..errors import ConfigError
 from ..executors.base import Handle
 from ..executors.local import LocalExecutor
+from ..microbatch import accumulate
 from ..options import SplitOptions
 from ..privacy.sensitivity import coupling_layers
 from ..profiling import TrustedMemoryMeter
@@ -92,7 +93,7 @@ class BenchConfig:
     grad_rank: int | tuple[int, ...] | str | None = _split_field("grad_rank")
     warm_start: bool = _split_field("warm_start")
     verify_sample: float = _split_field("verify_sample")  # of the +verify variant
-    micro_batch: int | None = _split_field("micro_batch")  # inference of every trusted mode, micro-batched
+    micro_batch: int | None = _split_field("micro_batch")  # every trusted mode micro-batched (training: accumulated)
     repeats: int = 5
     rounds: int | None = None  # paired rounds; None: max(MIN_ROUNDS, repeats)
     warmup: int = 1
@@ -549,9 +550,10 @@ class BenchRunner:
             ex.step_thread = threading.get_ident()
             ex.reset_counters()
         if phase == "train":
-            out = e.sm(x)
-            loss = F.cross_entropy(out, y.to(out.device))
-            loss.backward()
+            # --micro-batch m: forward+backward per micro-batch, gradients accumulated (asymml.microbatch), one
+            # optimizer step; every trusted mode alike (the split options carry it), plain on the whole batch
+            mb = self.cfg.micro_batch if e.mode != "plain" else None
+            accumulate(e.sm, x, y, F.cross_entropy, micro_batch=mb)
             if e.opt is not None:
                 e.opt.step()
         else:

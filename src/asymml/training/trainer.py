@@ -40,6 +40,7 @@ from ..errors import (
     RemoteError,
     TrainingDivergedError,
 )
+from ..microbatch import accumulate, check_micro_batchable
 from .batches import Batches, PoissonBatches, mix_seed
 from .builders import accelerator_name, build_model, build_split, default_out_dir, lr_factor, noise_config
 from .checkpoint import (
@@ -185,6 +186,12 @@ class Trainer:
                     self.releases_per_step_planned = self._probe_releases() + 1
             mechanism = ReleaseMechanism(self.noise_cfg, sigma=self.sigma if self.noise_cfg.nsr is None else None)
         self.sm = build_split(self.model, cfg, noise=mechanism, device=rank_device(cfg.device, self.rank, self.world))
+        # micro-batched steps (gradient accumulation) must give the whole batch's gradient: refuse train-mode
+        # BatchNorm now rather than at the first step.  DP-SGD on updates already runs one micro-batch per
+        # sample (the smallest trusted working set), so there the micro-batch changes nothing.
+        self.micro_batch: int | None = getattr(cfg, "micro_batch", None)
+        if self.micro_batch is not None and not self.dp:
+            check_micro_batchable(self.sm.model)
         sync = getattr(self.sm.executor, "synchronize", None)
         if callable(sync):  # start the accelerator worker now: it adopts torch's thread count from its first op
             sync()
@@ -418,13 +425,7 @@ class Trainer:
             if self.dp:
                 loss, correct, delta = self._dp_backward(x, y, where)
             else:
-                before = self._release_counts()
-                loss_t, correct = self._forward_loss(x, y, where)
-                loss_t.backward()
-                loss = float(loss_t.detach())
-                delta, noised, unnoised = self._count_releases(before)
-                self.unnoised_releases += unnoised
-                self._account_release_only(noised, unnoised)
+                loss, correct, delta = self._accumulated_backward(x, y, where)
         t1 = time.perf_counter()
         n = len(y)
         if self.dist is not None:  # average (DP-SGD: add) the ranks' gradients; agree on the step's figures
@@ -443,6 +444,40 @@ class Trainer:
         if not self.releases_by_kind_per_step and delta:
             self.releases_by_kind_per_step = {k: v for k, v in delta.items() if k != "weight"}
         return loss, correct, n
+
+    def _accumulated_backward(self, x: torch.Tensor, y: torch.Tensor, where: str
+                              ) -> tuple[float, int, dict[str, int]]:
+        """Forward and backward of the batch's mean loss, in micro-batches of ``cfg.micro_batch`` when set
+        (:func:`asymml.microbatch.accumulate`: the accumulated gradient is the whole batch's, the trusted side
+        holds one micro-batch's activations); the step's noised releases are accounted once.  Each sample is in
+        exactly one micro-batch, so a step releases per sample what one micro-batch releases: the step is
+        accounted with the largest micro-batch's releases (parallel composition over disjoint samples)."""
+        before = self._release_counts()
+        delta: dict[str, int] = {}
+        worst: tuple[int, dict[str, list[str]]] = (-1, {"activations": [], "gradients": []})
+        unnoised_max = 0
+
+        def count() -> None:
+            nonlocal before, worst, unnoised_max
+            d, noised, unnoised = self._count_releases(before)
+            before = self._release_counts()
+            for k, v in d.items():
+                delta[k] = delta.get(k, 0) + v
+            self.unnoised_releases += unnoised
+            unnoised_max = max(unnoised_max, unnoised)
+            n = sum(len(v) for v in noised.values())
+            if n > worst[0]:
+                worst = (n, noised)
+
+        def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss = nn.functional.cross_entropy(out, target)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"{where}: the training loss is {float(loss.detach())}: {DIVERGED_HINT}")
+            return loss
+
+        res = accumulate(self.sm, x, y, loss_fn, micro_batch=self.micro_batch, after_each=count)
+        self._account_release_only(worst[1], unnoised_max)
+        return res.loss, int(res.correct or 0), delta
 
     def _dp_backward(self, x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[float, int, dict[str, int]]:
         """DP-SGD on updates (see :mod:`asymml.training.dp`): one micro-batch per sample, per-sample clipped
@@ -695,7 +730,8 @@ class Trainer:
             f"asymml train: {where} {cfg.model} ({n_params / 1e6:.2f} M parameters, {cfg.norm} norm) on {ds.name} "
             f"({self.train_batches.n} train / {self.test_batches.n} test, {ds.in_channels}x{ds.image_size}x"
             f"{ds.image_size}), mode {cfg.mode}, accelerator {self.accelerator}, rank {cfg.rank_spec}, "
-            f"backward {cfg.backward}{noise}, {plural(cfg.epochs, 'epoch')} x {plural(self.steps_per_epoch, 'step')} "
+            f"backward {cfg.backward}{noise}{self._micro_batch_note()}, {plural(cfg.epochs, 'epoch')} x "
+            f"{plural(self.steps_per_epoch, 'step')} "
             f"-> {self.out}"
         )
         if self.dist is not None:
@@ -705,6 +741,12 @@ class Trainer:
         if cfg.noise_seed is not None and self.noise_cfg is not None:
             self.echo(f"WARNING: --noise-seed {cfg.noise_seed} makes the noise reproducible and INSECURE: anyone who "
                       "knows the seed can subtract it (for experiments only; no privacy guarantee is reported)")
+
+    def _micro_batch_note(self) -> str:
+        """``, micro-batches of m`` for the header when the step is micro-batched."""
+        if self.micro_batch is None or self.dp:
+            return ""
+        return f", micro-batches of {self.micro_batch} (gradients accumulated)"
 
     def _finish(self, status: str) -> TrainResult:
         if status == "completed" and self.is_main:
