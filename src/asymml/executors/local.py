@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import ConfigError
 from ..ledger import Ledger
 from .base import BackwardRequest, Executor, Handle
 from .ops import Instr, run_program
@@ -47,9 +48,9 @@ class LocalExecutor(Executor):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
-            raise ValueError(f"invalid accelerator device {device!r}: {e}") from None
+            raise ConfigError(f"invalid accelerator device {device!r}: {e}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"accelerator device {device!r} requested but CUDA is not available")
+            raise ConfigError(f"accelerator device {device!r} requested but CUDA is not available")
         self.home = torch.device("cpu")
         self.ledger = Ledger(audit)
         # touch torch's thread settings in the worker at start, so that it honours torch.set_num_threads

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from ..errors import ConfigError
+
 __all__ = [
     "PrivacyLedger",
     "plan_sigma",
@@ -63,31 +65,31 @@ PRV_MAX_RDP_EPSILON = 64.0
 
 def _check_mechanism(mechanism: str) -> str:
     if mechanism not in MECHANISMS:
-        raise ValueError(f"mechanism must be one of {MECHANISMS} (got {mechanism!r})")
+        raise ConfigError(f"mechanism must be one of {MECHANISMS} (got {mechanism!r})")
     return mechanism
 
 
 def _check_adjacency(adjacency: str) -> str:
     if adjacency not in ADJACENCIES:
-        raise ValueError(f"adjacency must be one of {ADJACENCIES} (got {adjacency!r})")
+        raise ConfigError(f"adjacency must be one of {ADJACENCIES} (got {adjacency!r})")
     return adjacency
 
 
 def _check_delta(delta: float) -> float:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
-        raise ValueError(f"delta must be in (0, 1) (got {delta!r})")
+        raise ConfigError(f"delta must be in (0, 1) (got {delta!r})")
     return float(delta)
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
+        raise ConfigError(f"{name} must be an integer >= {minimum} (got {value!r})")
     return int(value)
 
 
 def _check_eps_error(eps_error: float) -> float:
     if isinstance(eps_error, bool) or not eps_error > 0:
-        raise ValueError(f"eps_error must be > 0 (got {eps_error!r})")
+        raise ConfigError(f"eps_error must be > 0 (got {eps_error!r})")
     return float(eps_error)
 
 
@@ -108,7 +110,7 @@ def combine_noise_multipliers(multipliers: Iterable[float]) -> float:
     total = 0.0
     for s in multipliers:
         if not s >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0 (got {s!r})")
+            raise ConfigError(f"noise_multiplier must be >= 0 (got {s!r})")
         if s == 0:
             return 0.0
         total += 1.0 / (s * s)
@@ -180,11 +182,11 @@ class PrivacyLedgerAccountant:
         ``sample_rate`` counts only when ``poisson`` is True.
         """
         if isinstance(noise_multiplier, bool) or not (noise_multiplier >= 0) or math.isinf(noise_multiplier):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0 (got {noise_multiplier!r})")
+            raise ConfigError(f"noise_multiplier must be a finite number >= 0 (got {noise_multiplier!r})")
         releases = _check_count("releases", releases, 0)
         steps = _check_count("steps", steps, 0)
         if isinstance(sample_rate, bool) or not (0.0 < sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must be in (0, 1] (got {sample_rate!r})")
+            raise ConfigError(f"sample_rate must be in (0, 1] (got {sample_rate!r})")
         if steps == 0:
             return
         group = _Group(
@@ -357,13 +359,13 @@ def solve_sigma(
     ``log(1/delta) / 62`` with Opacus' orders, however large sigma is).
     """
     if isinstance(target_epsilon, bool) or not (target_epsilon > 0) or math.isinf(target_epsilon):
-        raise ValueError(f"target_epsilon must be a finite number > 0 (got {target_epsilon!r})")
+        raise ConfigError(f"target_epsilon must be a finite number > 0 (got {target_epsilon!r})")
     _check_delta(delta)
     _check_count("releases_per_step", releases_per_step, 1)
     _check_count("steps", steps, 1)
     _check_mechanism(mechanism)
     if not rtol > 0:
-        raise ValueError(f"rtol must be > 0 (got {rtol!r})")
+        raise ConfigError(f"rtol must be > 0 (got {rtol!r})")
 
     def eps(sigma: float) -> float:
         with warnings.catch_warnings():
@@ -384,7 +386,7 @@ def solve_sigma(
     hi = max(scale, 1e-3)
     while eps(hi) > target_epsilon:
         if hi >= sigma_max:
-            raise ValueError(
+            raise ConfigError(
                 f"target epsilon {target_epsilon} is unreachable with the {mechanism} accountant at "
                 f"delta={delta}: even noise_multiplier={hi:.3g} gives epsilon={eps(hi):.4g}; use a larger "
                 "epsilon or delta" + (", or mechanism='prv'" if mechanism == "rdp" else "")
@@ -416,7 +418,7 @@ def _check_sigmas(kind: str, sigmas: Iterable[float]) -> list[float]:
     out = []
     for s in sigmas:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s >= 0) or math.isinf(s):
-            raise ValueError(f"{kind}: noise multipliers must be finite numbers >= 0 (got {s!r})")
+            raise ConfigError(f"{kind}: noise multipliers must be finite numbers >= 0 (got {s!r})")
         out.append(float(s))
     return out
 
@@ -447,18 +449,18 @@ def plan_sigma(
     k = _check_count("releases_per_step", releases_per_step, 0)
     u = _check_count("updates_per_step", updates_per_step, 0)
     if k + u == 0:
-        raise ValueError("nothing is released per step: no noise to plan (releases_per_step + updates_per_step = 0)")
+        raise ConfigError("nothing is released per step: no noise to plan (releases_per_step + updates_per_step = 0)")
     if update_sigma is None:
         return solve_sigma(target_epsilon=epsilon, delta=delta, releases_per_step=k + u, steps=steps,
                            sample_rate=sample_rate, poisson=poisson, mechanism=accountant, adjacency=adjacency)
     _check_sigmas("update_sigma", [update_sigma])
     if k == 0:
-        raise ValueError("update_sigma is fixed and there are no other releases: nothing to solve")
+        raise ConfigError("update_sigma is fixed and there are no other releases: nothing to solve")
     s_eff = solve_sigma(target_epsilon=epsilon, delta=delta, releases_per_step=1, steps=steps,
                         sample_rate=sample_rate, poisson=poisson, mechanism=accountant, adjacency=adjacency)
     left = 1.0 / s_eff**2 - (u / update_sigma**2 if update_sigma > 0 else math.inf)
     if not left > 0:
-        raise ValueError(
+        raise ConfigError(
             f"the updates alone (update_sigma={update_sigma}, {u} per step) spend more than epsilon={epsilon}: "
             f"raise update_sigma above {s_eff * math.sqrt(u):.4g} or the target epsilon"
         )
@@ -522,7 +524,7 @@ class PrivacyLedger:
         steps = _check_count("steps", steps, 0)
         self.unnoised += _check_count("unnoised", unnoised, 0) * steps
         if isinstance(sample_rate, bool) or not (0.0 < sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must be in (0, 1] (got {sample_rate!r})")
+            raise ConfigError(f"sample_rate must be in (0, 1] (got {sample_rate!r})")
         amplified = bool(sample_rate < 1.0 and sampled_by is not None and getattr(sampled_by, "secure", False))
         if steps == 0:
             return

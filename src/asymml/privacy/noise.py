@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, InputError
 from .secure_rng import HARDENING_DRAWS, InsecureNoiseWarning, SecureGenerator, single_threaded
 
 __all__ = ["NoiseConfig", "ReleaseMechanism", "clip_per_sample", "per_sample_norms", "parse_clip"]
@@ -116,13 +117,13 @@ def parse_clip(clip: float | str) -> tuple[float | None, float | None]:
             try:
                 q = float(text[len("auto:") :])
             except ValueError:
-                raise ValueError(f"clip: cannot parse quantile in {clip!r}; use 'auto' or 'auto:q'") from None
+                raise ConfigError(f"clip: cannot parse quantile in {clip!r}; use 'auto' or 'auto:q'") from None
             if not (0.0 < q <= 1.0):
-                raise ValueError(f"clip: the quantile in {clip!r} must be in (0, 1]")
+                raise ConfigError(f"clip: the quantile in {clip!r} must be in (0, 1]")
             return None, q
-        raise ValueError(f"clip must be a positive number, 'auto' or 'auto:q' (got {clip!r})")
+        raise ConfigError(f"clip must be a positive number, 'auto' or 'auto:q' (got {clip!r})")
     if not _is_real(clip) or not math.isfinite(float(clip)) or float(clip) <= 0:
-        raise ValueError(f"clip must be a finite number > 0, 'auto' or 'auto:q' (got {clip!r})")
+        raise ConfigError(f"clip must be a finite number > 0, 'auto' or 'auto:q' (got {clip!r})")
     return float(clip), None
 
 
@@ -153,26 +154,26 @@ class NoiseConfig:
         """Raise ``ValueError`` naming the offending option when the configuration is unusable."""
         given = [name for name in ("sigma", "nsr", "epsilon") if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"conflicting options: {' and '.join(given)} are all set; "
                 "give only one of sigma, nsr, epsilon"
             )
         if not given:
-            raise ValueError("NoiseConfig needs one of sigma, nsr, epsilon (sigma=0 clips without noise)")
+            raise ConfigError("NoiseConfig needs one of sigma, nsr, epsilon (sigma=0 clips without noise)")
         for name in ("sigma", "nsr"):
             value = getattr(self, name)
             if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+                raise ConfigError(f"{name} must be a finite number >= 0 (got {value!r})")
         if self.epsilon is not None and (
             not _is_real(self.epsilon) or math.isnan(self.epsilon) or self.epsilon <= 0
         ):
-            raise ValueError(f"epsilon must be > 0 (got {self.epsilon!r})")
+            raise ConfigError(f"epsilon must be > 0 (got {self.epsilon!r})")
         if not _is_real(self.delta) or not (0.0 < self.delta < 1.0):
-            raise ValueError(f"delta must be in (0, 1) (got {self.delta!r})")
+            raise ConfigError(f"delta must be in (0, 1) (got {self.delta!r})")
         parse_clip(self.clip)
         s = self.insecure_seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
-            raise ValueError(f"insecure_seed must be an integer >= 0 or None (got {s!r})")
+            raise ConfigError(f"insecure_seed must be an integer >= 0 or None (got {s!r})")
 
     @classmethod
     def from_options(
@@ -252,7 +253,7 @@ class NoiseConfig:
 def per_sample_norms(r: Tensor) -> Tensor:
     """L2 norm of each sample (dim 0) of ``r``, as a float32 (or float64) tensor of shape ``(B,)``."""
     if r.dim() == 0:
-        raise ValueError("expected a tensor with a leading sample dimension, got a scalar")
+        raise ConfigError("expected a tensor with a leading sample dimension, got a scalar")
     mem = _memory_order(r)  # the norm does not depend on the layout: no copy of a channels-last release
     flat = mem.view(r.shape[0], -1) if mem is not None else r.reshape(r.shape[0], -1)
     if flat.dtype not in (torch.float32, torch.float64):
@@ -270,7 +271,7 @@ def clip_per_sample(r: Tensor, clip: float) -> Tensor:
     Samples are scaled by ``min(1, clip / ||r_b||)``, which keeps their direction.  Differentiable.
     """
     if not _is_real(clip) or not math.isfinite(float(clip)) or clip < 0:
-        raise ValueError(f"clip must be a finite number >= 0 (got {clip!r})")
+        raise ConfigError(f"clip must be a finite number >= 0 (got {clip!r})")
     scale = _clip_scale(per_sample_norms(r), float(clip))
     return r * scale.to(r.dtype).reshape((-1,) + (1,) * (r.dim() - 1))
 
@@ -323,33 +324,33 @@ class ReleaseMechanism:
     ) -> None:
         config.validate()
         if draws is not None and (not isinstance(draws, int) or isinstance(draws, bool) or draws < 1):
-            raise ValueError(f"draws must be an integer >= 1 or None (got {draws!r})")
+            raise ConfigError(f"draws must be an integer >= 1 or None (got {draws!r})")
         if threads is None:
             threads = int(os.environ.get("ASYMML_NOISE_THREADS", "1") or 1)
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1 (got {threads!r})")
+            raise ConfigError(f"threads must be an integer >= 1 (got {threads!r})")
         if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be an integer >= 1 (got {prefetch_depth!r})")
+            raise ConfigError(f"prefetch_depth must be an integer >= 1 (got {prefetch_depth!r})")
         if prefetch_bytes < 0:
-            raise ValueError(f"prefetch_bytes must be >= 0 (got {prefetch_bytes!r})")
+            raise ConfigError(f"prefetch_bytes must be >= 0 (got {prefetch_bytes!r})")
         if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
-            raise ValueError(f"sigma must be a finite number >= 0 (got {sigma!r})")
+            raise ConfigError(f"sigma must be a finite number >= 0 (got {sigma!r})")
         if config.nsr is not None:
             if sigma is not None:
-                raise ValueError("conflicting options: nsr config with an explicit sigma")
+                raise ConfigError("conflicting options: nsr config with an explicit sigma")
         elif config.epsilon is not None:
             if sigma is None:
-                raise ValueError(
+                raise ConfigError(
                     f"epsilon={config.epsilon} config needs the sigma solved for the planned run: "
                     "pass sigma=config.resolve_noise_multiplier(...) "
                     "(see asymml.privacy.accounting.solve_sigma)"
                 )
         else:
             if sigma is not None and float(sigma) != float(config.sigma):  # type: ignore[arg-type]
-                raise ValueError(f"conflicting options: config sigma={config.sigma} but sigma={sigma} given")
+                raise ConfigError(f"conflicting options: config sigma={config.sigma} but sigma={sigma} given")
             sigma = config.sigma
         if not (0.0 <= ema < 1.0):
-            raise ValueError(f"ema must be in [0, 1) (got {ema!r})")
+            raise ConfigError(f"ema must be in [0, 1) (got {ema!r})")
         self.config = config
         self._sigma: float | None = None if sigma is None else float(sigma)
         self._fixed_clip, self._quantile = parse_clip(config.clip)
@@ -499,9 +500,9 @@ class ReleaseMechanism:
         only for a CPU ``r`` that is contiguous or channels-last and does not need autograd -- otherwise a new
         tensor is returned as usual: always use the return value)."""
         if not isinstance(r, Tensor) or r.dim() == 0:
-            raise ValueError("release must be a tensor with a leading sample dimension")
+            raise InputError("release must be a tensor with a leading sample dimension")
         if not r.is_floating_point():
-            raise ValueError(f"release must be floating point (got {r.dtype})")
+            raise InputError(f"release must be floating point (got {r.dtype})")
         d = int(r[0].numel()) if r.shape[0] > 0 else int(math.prod(r.shape[1:]))
         norms = per_sample_norms(r)
         clip = self._update_and_get_clip(layer, norms.detach())
