@@ -56,7 +56,7 @@ def _positive_int(name: str, v: Any) -> int:
 
 def _seed(name: str, v: Any) -> int:
     if not _is_int(v) or not 0 <= v < SEED_BOUND:
-        raise ConfigError(f"{name} must be an integer in [0, 2**63), got {v!r}")
+        raise ConfigError(f"{name} must be an integer in [0, 2**63) (at most 2**63 - 1), got {v!r}")
     return v
 
 
@@ -205,7 +205,8 @@ class SplitOptions:
                           _parse_text, choices=PLACEMENTS)
     micro_batch: int | None = _opt(None, "run inference (no autograd) in micro-batches of this many samples: "
                                    "the trusted side then holds one micro-batch's activations at a time, which "
-                                   "is what fits an enclave's memory; training keeps the whole batch",
+                                   "is what fits an enclave's memory; with autograd on (training) the split model takes the "
+                                   "whole batch it is given",
                                    _optional(_parse_int), "B")
     noise_grads: bool = _opt(True, "also noise released gradient residuals when noise is on", _parse_bool,
                              on_cli=False)

@@ -102,7 +102,9 @@ def test_batch_size_larger_than_the_training_set(tmp_path: Path, capsys: pytest.
 def test_bad_option_values(capsys: pytest.CaptureFixture[str]) -> None:
     _error(capsys, ["train", "--epochs", "0"], "argument --epochs: must be a positive integer")
     _error(capsys, ["train", "--lr", "fast"], "argument --lr: expected a number")
-    _error(capsys, ["train", "--mode", "turbo"], "invalid choice 'turbo'")
+    _error(capsys, ["train", "--mode", "turbo"], "argument --mode: invalid mode 'turbo'; allowed: asym")
+    _error(capsys, ["train", "--micro-batch", "0"], "argument --micro-batch: micro_batch must be a positive integer")
+    _error(capsys, ["train", "--input-rank", "0"], "argument --input-rank: input_rank must be a positive integer")
     _error(capsys, ["train", "--rank", "adaptive:x"], "argument --rank")
     _error(capsys, ["train", "--clip", "-1"], "argument --clip")
     _error(capsys, ["train", "--noise", "1", "--epsilon", "2"], "conflicting options --noise and --epsilon")
@@ -168,3 +170,72 @@ def test_nproc_per_node_propagates_a_failure(tmp_path: Path) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert proc.stderr.count("no checkpoint at") == 2, proc.stderr[-2000:]  # each rank says why
+
+
+def test_split_options_are_split_options_own(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Every split option of ``asymml train`` is generated from :class:`SplitOptions`: same names, defaults
+    (but warm_start's automatic None), help text, converter and validation; a new or changed split option
+    that training does not take over fails here."""
+    import dataclasses
+
+    from asymml.options import SplitOptions, option_specs
+    from asymml.training.config import OPTIONS, SPLIT_OPTIONS_NOT_IN_TRAINING, TrainConfig
+
+    specs = {s.name: s for s in option_specs()}
+    split = {o.name: o for o in OPTIONS if o.split is not None}
+    assert set(split) | set(SPLIT_OPTIONS_NOT_IN_TRAINING) == set(specs)
+    assert not set(split) & set(SPLIT_OPTIONS_NOT_IN_TRAINING)
+    assert "micro_batch" in split
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, opt in split.items():
+        spec = specs[name]
+        assert opt.split == spec and opt.help.startswith(spec.help) and opt.metavar == spec.metavar, name
+        assert opt.default == defaults[name] == (None if name == "warm_start" else spec.default), name
+    assert TrainConfig().validate().split_options() == SplitOptions()  # warm start: on without noise
+    assert TrainConfig(noise=1.0).validate().split_options().warm_start is False
+    assert TrainConfig(tau=0.2).split_options().rank == "adaptive:0.2"
+    for name, raw in (("rank", "2,4,8"), ("rank", [2, 4]), ("grad_rank", "adaptive:0.1"), ("iters", "3"),
+                      ("seed", "7"), ("verify_sample", "0.5"), ("input_rank", "none"), ("micro_batch", "8"),
+                      ("decomposition", "EIGH")):
+        assert split[name].convert(raw) == getattr(SplitOptions.from_dict({name: raw}), name), (name, raw)
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option: help texts compare whole
+    for cmd in ("train", "eval"):
+        with pytest.raises(SystemExit):
+            main([cmd, "-h"])
+        out = capsys.readouterr().out
+        for name in split if cmd == "train" else ("rank", "iters", "micro_batch", "verify_sample"):
+            assert specs[name].cli in out, (cmd, name)
+            if cmd == "train":
+                assert split[name].help in out, name
+
+
+def test_micro_batch_and_split_options_reach_the_split_model(tmp_path: Path) -> None:
+    """``--micro-batch`` (a plain int field), config-file keys of the split options, old configurations
+    without the field, and ``build_split`` handing ``cfg.split_options()`` to the runtime."""
+    from asymml.cli.main import build_parser
+    from asymml.training.builders import build_split, noise_config
+    from asymml.training.config import TrainConfig, config_diff, given_options
+    from asymml.training.run import prepare
+
+    args = build_parser().parse_args(["train", "--micro-batch", "8", "--no-warm-start", "--rank", "4"])
+    assert given_options(args) == {"micro_batch": 8, "warm_start": False, "rank": "4"}
+    (tmp_path / "c.yaml").write_text("micro-batch: 16\niters: 3\nbasis: batch\nplacement: split\n")
+    cfg, _ = prepare({"rank": "4"}, str(tmp_path / "c.yaml"))
+    assert (cfg.micro_batch, cfg.iters, cfg.basis, cfg.rank) == (16, 3, "batch", "4")
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "micro_batch"}  # a pre-micro_batch run
+    assert TrainConfig.from_dict(old).micro_batch is None and config_diff(old, TrainConfig().to_dict()) == []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    sm = build_split(model, cfg)
+    try:
+        got = {k: getattr(sm.cfg, k) for k in ("micro_batch", "iters", "basis", "placement", "warm_start")}
+        assert got == {"micro_batch": 16, "iters": 3, "basis": "batch", "placement": "split", "warm_start": True}
+        assert sm.cfg.rank == cfg.split_options().rank_policy
+    finally:
+        sm.executor.close()
+    from asymml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid value for --iters"):
+        TrainConfig(iters=0).validate()
+    with pytest.raises(ConfigError):
+        noise_config(TrainConfig(noise=-1.0))

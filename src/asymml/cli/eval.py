@@ -25,7 +25,7 @@ Options not given default to the training run's."""
 EVAL_OPTIONS = ("mode", "device", "request_timeout", "tls_cert", "tls_key", "tls_ca", "insecure", "verify",
                 "verify_sample", "model",
                 "width", "norm", "dataset", "data_dir", "image_size", "limit_test", "workers", "rank", "tau", "decomposition",
-                "iters", "basis", "backward", "seed", "threads", "noise", "nsr", "clip")
+                "iters", "basis", "backward", "micro_batch", "seed", "threads", "noise", "nsr", "clip")
 
 
 def _help(text: str) -> str:

@@ -66,7 +66,9 @@ def noise_config(cfg: TrainConfig) -> Any:
     try:
         return NoiseConfig.from_options(sigma=cfg.noise, nsr=cfg.nsr, epsilon=cfg.epsilon, delta=cfg.delta,
                                         clip=cfg.clip)
-    except ValueError as e:
+    except ConfigError:
+        raise
+    except ValueError as e:  # privacy/noise.py still raises ValueError; drop this once it raises ConfigError
         raise ConfigError(str(e)) from None
 
 
@@ -104,24 +106,14 @@ def accelerator_name(executor: Any) -> str:
 
 
 def build_split(model: nn.Module, cfg: TrainConfig, *, noise: Any = None, device: str | None = None) -> Any:
-    """``asymml.split`` of ``model`` with the split options of ``cfg`` (``noise`` as given)."""
-    import asymml
+    """:func:`asymml.api.split_with_options` of ``model`` with ``cfg.split_options()`` (``noise`` as given) on
+    the executor of ``cfg`` (``device``: another accelerator than ``cfg.device``, e.g. a rank's)."""
+    from ..api import split_with_options
 
-    extra: dict[str, Any] = {}
-    if "placement" in inspect.signature(asymml.split).parameters:
-        extra["placement"] = cfg.placement
-    if "verify_sample" in inspect.signature(asymml.split).parameters:
-        extra["verify_sample"] = cfg.verify_sample
-    elif cfg.placement == "trusted":
-        raise ConfigError("--placement trusted is not supported by this asymml; use --mode trusted-only")
+    options = cfg.split_options()  # before the executor: a bad option opens no connection
     executor = build_executor(cfg, device)
     try:
-        return asymml.split(
-            model, rank=cfg.rank_spec, decomposition=cfg.decomposition, backward=cfg.backward, noise=noise,
-            mode=cfg.mode, executor=executor, iters=cfg.iters, basis=cfg.basis, input_rank=cfg.input_rank,
-            grad_rank=cfg.grad_rank, warm_start=bool(cfg.warm_start), seed=cfg.seed, noise_seed=cfg.noise_seed,
-            **extra,
-        )
+        return split_with_options(model, options, noise=noise, executor=executor)
     except BaseException:
         executor.close()
         raise

@@ -4,6 +4,12 @@ Every option of ``asymml train`` is an :class:`Option` in :data:`OPTIONS`; :clas
 field per option with the same name (dashes become underscores).  A YAML or TOML file may set any of
 them (``--config FILE``); command-line values win over the file, the file wins over the defaults.  Values
 from a file go through the same converters as the command line, so a bad value gives the same message.
+
+The split options (``--rank``, ``--iters``, ``--warm-start``, ``--micro-batch``, ...) are not defined here:
+their entries are generated from :class:`asymml.options.SplitOptions` (its default, help, converter and
+validation, which raises :class:`~asymml.errors.ConfigError`); this module only says in which help group
+each goes and what training adds (``warm_start``'s automatic default, what else ``seed`` seeds).
+:meth:`TrainConfig.split_options` turns a configuration into the ``SplitOptions`` of its run.
 """
 
 from __future__ import annotations
@@ -18,26 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..executors.verify import SAMPLE as VERIFY_SAMPLE
+from ..options import OptionSpec, SplitOptions, option_specs
 
 __all__ = [
     "OPTIONS",
     "RUNTIME_FIELDS",
     "TrainConfig",
+    "SPLIT_OPTIONS_NOT_IN_TRAINING",
     "add_options",
     "config_diff",
     "load_config_file",
     "resolve_config",
 ]
 
-MODES = ("asym", "plain", "trusted-only", "noise-only")
 SCHEDULERS = ("cos", "step", "none")
-DECOMPOSITIONS = ("power", "eigh", "svd", "rsvd")
-BASES = ("sample", "batch")
-BACKWARDS = ("protected", "paper")
 ACCOUNTANTS = ("rdp", "prv")
 NORMS = ("auto", "batch", "group")
-PLACEMENTS = ("auto", "split", "trusted")
 DP_GROUP = "data parallel (torchrun --nproc-per-node N -m asymml train, or asymml train --nproc-per-node N)"
 UPDATE_BUDGET = 0.9
 """Share of an --epsilon run's privacy budget (in 1/sigma^2 per step) given to the DP-SGD updates."""
@@ -48,9 +50,6 @@ DEFAULT_CIFAR_WIDTH = 0.25
 # Each takes the raw value (a string from the command line, or any YAML/TOML scalar) and returns the typed
 # value or raises ValueError with a message fit for the user.  Rejected values are shown shortened
 # (:func:`_show`): a config file may hold a huge value, which an error message must not echo in full.
-
-MAX_SEED = 2**63 - 1
-"""Seeds are used as 64-bit generator seeds; larger ones cannot be represented."""
 
 _SHOW_CHARS = 40
 
@@ -101,14 +100,6 @@ def positive_float(value: Any) -> float:
     return v
 
 
-def seed_value(value: Any) -> int:
-    """A generator seed: an integer in ``[0, 2**63 - 1]``."""
-    v = nonneg_int(value)
-    if v > MAX_SEED:
-        raise ValueError(f"must be at most 2**63 - 1, got {_show(value)}")
-    return v
-
-
 def nonneg_float(value: Any) -> float:
     v = _number(value, float)
     if v < 0:
@@ -120,13 +111,6 @@ def unit_interval(value: Any) -> float:
     v = _number(value, float)
     if not 0.0 < v < 1.0:
         raise ValueError(f"must be in (0, 1), got {_show(value)}")
-    return v
-
-
-def share(value: Any) -> float:
-    v = _number(value, float)
-    if not 0.0 < v <= 1.0:
-        raise ValueError(f"must be in (0, 1], got {_show(value)}")
     return v
 
 
@@ -152,22 +136,6 @@ def choice(*allowed: str) -> Callable[[Any], str]:
 
     conv.__name__ = "choice"
     return conv
-
-
-def rank_spec(value: Any) -> str:
-    """A rank policy as text: ``8``, ``2,4,8``, ``schedule[:S:G:CAP]``, ``adaptive[:TAU[:MAX]]``."""
-    from ..decomposition import parse_rank
-
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"invalid rank {_show(value)}")
-    s = str(value).strip().lower()
-    try:
-        parse_rank(s)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-    return s
 
 
 def clip_spec(value: Any) -> str | float:
@@ -232,6 +200,8 @@ class Option:
     group: str
     metavar: str | None = None
     is_flag: bool = False
+    split: OptionSpec | None = None
+    """The :class:`SplitOptions` option this one is generated from (None: a training-only option)."""
 
     @property
     def cli(self) -> str:
@@ -240,6 +210,58 @@ class Option:
 
 def _o(name: str, convert: Callable[[Any], Any], default: Any, help: str, group: str, **kw: Any) -> Option:
     return Option(name, convert, default, help, group, **kw)
+
+
+_SPLIT_SPECS = {s.name: s for s in option_specs()}
+_INHERIT: Any = object()
+
+#: :class:`SplitOptions` options that ``asymml train`` does not offer, and why (a new split option must be
+#: placed in :data:`OPTIONS` or listed here; tests/cli/test_train_cli.py checks it).
+SPLIT_OPTIONS_NOT_IN_TRAINING: dict[str, str] = {
+    "strict": "training builds known models (asymml's or torchvision's): every op has a rule or runs trusted",
+    "epc_bytes": "only changes what sm.profile() compares the trusted peak against, not what is trained",
+}
+
+
+def _split_converter(spec: OptionSpec, default: Any) -> Callable[[Any], Any]:
+    """``spec``'s converter followed by :class:`SplitOptions`' validation of the one value (so a bad value is
+    refused where it is given, with SplitOptions' message, the value shortened by :func:`_show`); ``None``
+    passes when ``default`` is None.  Booleans go through :func:`flag` first: like every boolean of a
+    training config file, they must be booleans (``"no"`` is refused rather than read)."""
+
+    def convert(value: Any) -> Any:
+        if default is None and (value is None or isinstance(value, str)
+                                and value.strip().lower() in ("none", "null", "")):
+            return None
+        v = value
+        try:
+            v = spec.parse(flag(value) if spec.is_flag or spec.name == "verify" else value)
+            if v is not None or spec.default is None:
+                v = getattr(SplitOptions(**{spec.name: v}), spec.name)  # raises ConfigError naming the option
+        except ConfigError as e:
+            msg = str(e)
+            for shown in {repr(value), repr(v)}:
+                msg = msg.replace(shown, _show(value))
+            raise ConfigError(msg) from None
+        return v
+
+    convert.__name__ = spec.name
+    return convert
+
+
+def _split(name: str, group: str, *, default: Any = _INHERIT, note: str = "") -> Option:
+    """The training option of split option ``name``: default, help, metavar and converter from
+    :class:`SplitOptions`; training adds its help ``group``, a ``note`` on what the option also does in
+    training, and (warm_start only) a default of its own."""
+    spec = _SPLIT_SPECS[name]
+    d = spec.default if default is _INHERIT else default
+    return Option(name, _split_converter(spec, d), d, spec.help + note, group, metavar=spec.metavar,
+                  is_flag=spec.is_flag or name == "verify", split=spec)
+
+
+def _split_default(name: str) -> Any:
+    """A :class:`TrainConfig` field's default: :class:`SplitOptions`' for split option ``name``."""
+    return _SPLIT_SPECS[name].default
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -269,8 +291,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("workers", nonneg_int, 0, "DataLoader worker processes for on-disk datasets (in-memory datasets are "
        "batched directly)", "model and data", metavar="N"),
     # execution
-    _o("mode", choice(*MODES), "asym", "asym (split), plain (all on the accelerator), trusted-only (all "
-       "trusted), noise-only (whole activations + noise to the accelerator)", "execution"),
+    _split("mode", "execution"),
     _o("device", device_spec, "cpu", "the accelerator: cpu, cuda[:N], auto, or a remote accelerator server "
        "(asymml serve) at tcp://HOST:PORT or unix:///PATH; the trusted context is always this process's CPU",
        "execution", metavar="DEV"),
@@ -283,12 +304,8 @@ OPTIONS: tuple[Option, ...] = (
        "execution", metavar="FILE"),
     _o("insecure", flag, False, "allow an unauthenticated, unencrypted link to a non-loopback accelerator "
        "server (only on a network you trust)", "execution", is_flag=True),
-    _o("verify", optional(flag), None, "check accelerator results: shape, dtype and finiteness of every result, "
-       "randomized Freivalds checks of a secret share of each layer's jobs (--verify-sample) (default: on for a "
-       "remote server, off in-process)", "execution", is_flag=True),
-    _o("verify_sample", share, VERIFY_SAMPLE, "with verification on: share of each layer's jobs that also "
-       "get the randomized check (secret draw; a layer's first jobs and one in every 8 always do); 1 = every job",
-       "execution", metavar="P"),
+    _split("verify", "execution"),
+    _split("verify_sample", "execution"),
     _o("threads", optional(positive_int), None, "torch CPU threads (default: torch's choice)", "execution",
        metavar="N"),
     # data parallel (torchrun / --nproc-per-node)
@@ -321,32 +338,25 @@ OPTIONS: tuple[Option, ...] = (
     _o("momentum", momentum_value, 0.9, "SGD momentum", "optimisation", metavar="M"),
     _o("nesterov", flag, False, "Nesterov momentum", "optimisation", is_flag=True),
     _o("wd", nonneg_float, 5e-4, "weight decay", "optimisation"),
-    _o("seed", seed_value, 0, "seed of model init, data split and order, and decompositions",
-       "optimisation", metavar="N"),
-    _o("noise_seed", optional(seed_value), None, "INSECURE, for reproducible experiments only: seed of the DP "
-       "noise and batch sampling (default: OS entropy, never saved; an accelerator that knows the seed can "
-       "subtract the noise)", "noise / differential privacy", metavar="N"),
+    _split("seed", "optimisation", note="; in training also of the model's initialisation and the data's split "
+           "and order"),
+    _split("noise_seed", "noise / differential privacy", note="; in training also of Poisson batch "
+           "sampling; never saved"),
     # split
-    _o("rank", rank_spec, "schedule", "rank of the trusted low-rank part: N, a per-layer list 2,4,8, "
-       "schedule (2, x2 per conv, cap 32), schedule:START:GROWTH:CAP, adaptive:TAU[:MAX]", "split",
-       metavar="SPEC"),
+    _split("rank", "split"),
     _o("tau", optional(unit_interval), None, "adaptive rank: smallest rank whose residual energy ratio "
        "||R||^2/||X||^2 <= TAU (shorthand for --rank adaptive:TAU; the prototype used 0.1)", "split"),
-    _o("input_rank", optional(nonneg_int), 1, "rank of the raw input's decomposition ('none': use --rank)",
-       "split", metavar="R"),
-    _o("grad_rank", optional(rank_spec), None, "rank policy of gradient decompositions in protected backward "
-       "(default: the layer's forward rank)", "split", metavar="SPEC"),
-    _o("decomposition", choice(*DECOMPOSITIONS), "power", "power (light subspace iteration), eigh, svd, "
-       "rsvd", "split"),
-    _o("iters", positive_int, 2, "power-iteration rounds", "split", metavar="N"),
-    _o("basis", choice(*BASES), "sample", "one low-rank basis per sample, or one per batch", "split"),
-    _o("warm_start", optional(flag), None, "warm-start power iterations from the previous step's basis "
-       "(default: on without noise, off with noise: a warm start carries other samples' factors)", "split",
-       is_flag=True),
-    _o("placement", choice(*PLACEMENTS), "auto", "auto (a cost model keeps a layer fully trusted when splitting "
-       "it would not save trusted time), split (split every layer that can be), trusted", "split"),
-    _o("backward", choice(*BACKWARDS), "protected", "protected: only gradient residuals reach the "
-       "accelerator; paper: full activation gradients, as the prototype", "split"),
+    _split("input_rank", "split"),
+    _split("grad_rank", "split"),
+    _split("decomposition", "split"),
+    _split("iters", "split"),
+    _split("basis", "split"),
+    _split("warm_start", "split", default=None, note=" (default: on without noise, off with noise: a warm start "
+           "carries other samples' factors)"),
+    _split("placement", "split"),
+    _split("backward", "split"),
+    _split("micro_batch", "split", note="; asymml train also runs each training step in micro-batches of this "
+           "size, accumulating their gradients"),
     # noise
     _o("noise", optional(nonneg_float), None, "noise multiplier sigma of every released residual (std = "
        "sigma * clip)", "noise / differential privacy", metavar="SIGMA"),
@@ -394,7 +404,10 @@ RUNTIME_FIELDS = frozenset({
 
 @dataclass
 class TrainConfig:
-    """All options of a training run (see :data:`OPTIONS` for their meaning and defaults)."""
+    """All options of a training run (see :data:`OPTIONS` for their meaning and defaults).
+
+    The split options' fields take their defaults from :class:`SplitOptions` (except ``warm_start``,
+    automatic here); :meth:`split_options` is the :class:`SplitOptions` they make."""
 
     model: str = "vgg11_bn"
     width: float | None = None
@@ -406,15 +419,15 @@ class TrainConfig:
     limit_test: int | None = None
     norm: str = "auto"
     workers: int = 0
-    mode: str = "asym"
+    mode: str = _split_default("mode")
     device: str = "cpu"
     request_timeout: float | None = 60.0
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
     insecure: bool = False
-    verify: bool | None = None
-    verify_sample: float = VERIFY_SAMPLE
+    verify: bool | None = _split_default("verify")
+    verify_sample: float = _split_default("verify_sample")
     threads: int | None = None
     dist_timeout: float = 60.0
     trusted_interconnect: bool = False
@@ -429,18 +442,19 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     wd: float = 5e-4
-    seed: int = 0
-    noise_seed: int | None = None
-    rank: str = "schedule"
+    seed: int = _split_default("seed")
+    noise_seed: int | None = _split_default("noise_seed")
+    rank: int | tuple[int, ...] | str = _split_default("rank")
     tau: float | None = None
-    input_rank: int | None = 1
-    grad_rank: str | None = None
-    decomposition: str = "power"
-    iters: int = 2
-    basis: str = "sample"
-    warm_start: bool | None = None
-    placement: str = "auto"
-    backward: str = "protected"
+    input_rank: int | None = _split_default("input_rank")
+    grad_rank: int | tuple[int, ...] | str | None = _split_default("grad_rank")
+    decomposition: str = _split_default("decomposition")
+    iters: int = _split_default("iters")
+    basis: str = _split_default("basis")
+    warm_start: bool | None = None  # None: on without noise, off with noise (resolved by validate())
+    placement: str = _split_default("placement")
+    backward: str = _split_default("backward")
+    micro_batch: int | None = _split_default("micro_batch")
     noise: float | None = None
     nsr: float | None = None
     epsilon: float | None = None
@@ -472,9 +486,20 @@ class TrainConfig:
                 and self.backward == "protected" and self.mode in ("asym", "noise-only"))
 
     @property
-    def rank_spec(self) -> str:
+    def rank_spec(self) -> int | tuple[int, ...] | str:
         """The rank policy actually used (``--tau`` is shorthand for ``adaptive:TAU``)."""
         return f"adaptive:{self.tau}" if self.tau is not None else self.rank
+
+    def split_options(self, **overrides: Any) -> SplitOptions:
+        """The :class:`SplitOptions` of this run: its split fields, with ``--tau`` folded into the rank and an
+        automatic ``warm_start`` resolved (on without noise, off with noise), then ``overrides``.  Raises
+        :class:`ConfigError` (from SplitOptions' own validation) for a bad value."""
+        kw = {o.name: getattr(self, o.name) for o in OPTIONS if o.split is not None}
+        kw["rank"] = self.rank_spec
+        if kw["warm_start"] is None:
+            kw["warm_start"] = not self.noise_on
+        kw.update(overrides)
+        return SplitOptions(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -561,6 +586,7 @@ class TrainConfig:
                 )
         if self.width is not None and not is_cifar_model(self.model):
             raise ConfigError(f"--width applies to the CIFAR-style models only, not to {self.model!r}")
+        self.split_options()  # SplitOptions validates the split fields together (ConfigError naming the option)
         return self
 
 
