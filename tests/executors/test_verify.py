@@ -183,7 +183,7 @@ def test_checks_run_single_threaded_and_restore_the_thread_count(case):
     seen = []
     v = Verifier(threads=1)
     orig = v._tensor_ok
-    v._tensor_ok = lambda *a: (seen.append(torch.get_num_threads()), orig(*a))[1]
+    v._tensor_ok = lambda *a, **k: (seen.append(torch.get_num_threads()), orig(*a, **k))[1]
     try:
         torch.set_num_threads(2)
         _run_checks(v, c, fwd, bwd)

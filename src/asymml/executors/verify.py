@@ -149,16 +149,61 @@ class Sep:
         return None if f is None else Fact(f[0], torch.outer(f[1], f[2]).view(1, 1, -1, f[2].shape[0]))
 
 
-def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]]) -> list[float]:
-    """``⟨r ⊗ S, t⟩`` for every ``(S, r)`` in ``items`` (``t``: (B, C, H, W), ``r``: (B,)): one matrix product
-    over ``t`` in its own memory layout for all items, then sums over (k, W, C)-sized results in float64."""
+#: bytes of data per chunk of a fused pass (:func:`_rows`): small enough to stay in a core's L2 cache
+#: between the projection and the square sum that read it, large enough to keep per-call overhead small
+_CHUNK_BYTES = 1 << 20
+
+
+def _rows(M: Tensor, *, left: Tensor | None = None, right: Tensor | None = None,
+          sq: bool = False) -> tuple[Tensor | None, float]:
+    """One pass over the rows of a row-major 2-D view ``M`` (N × D), in chunks of about ``_CHUNK_BYTES``:
+    ``left @ M`` (``left``: R × N) or ``M @ right`` (``right``: D × R), and with ``sq`` also ``‖M‖²``,
+    taken on each chunk while it is still in cache (so the norm costs no second read from memory). The
+    square sum is a float32 dot product per chunk accumulated in float64: a sum of non-negative terms,
+    so a NaN or Inf anywhere makes it non-finite (no Inf − Inf can cancel); see :func:`_norm2`."""
+    N, D = M.shape
+    step = max(1, _CHUNK_BYTES // max(1, D * M.element_size()))
+    out: Tensor | None = None
+    if left is not None:
+        out = torch.zeros(left.shape[0], D, dtype=M.dtype)
+    elif right is not None:
+        out = torch.empty(N, right.shape[1], dtype=M.dtype)
+    s = 0.0
+    for i in range(0, N, step):
+        c = M[i:i + step]
+        if left is not None:
+            out.addmm_(left[:, i:i + step], c)
+        elif right is not None:
+            torch.mm(c, right, out=out[i:i + step])
+        if sq:
+            f = c.reshape(-1)
+            s += float(torch.dot(f, f))
+    return out, s
+
+
+def _flat2d(t: Tensor) -> Tensor | None:
+    """``t`` as a row-major 2-D view of its own storage (no copy), or None when its layout has none."""
+    if t.dim() == 0:
+        return t.view(1, 1)
+    if t.is_contiguous():
+        return t.view(t.shape[0] if t.dim() > 1 else 1, -1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)  # a view: channels_last is dense in this order
+    return None
+
+
+def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]], sq: bool = False) -> tuple[list[float], float | None]:
+    """``⟨r ⊗ S, t⟩`` for every ``(S, r)`` in ``items`` (``t``: (B, C, H, W), ``r``: (B,)): one fused pass over
+    ``t`` in its own memory layout for all items (:func:`_rows`), then small contractions of its result;
+    with ``sq`` also ``‖t‖²`` from the same pass (None otherwise)."""
     B, C, H, W = t.shape
     out = []
+    fsq = sq and t.dtype in (torch.float32, torch.float64)
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         # rows (b, h): L[(item, i), (b, h)] = r[b]·Mh[i, h]; then A = L @ t viewed as (B·H, W·C)
         L = torch.cat([(r.view(1, -1, 1) * s.Mh.view(s.Mh.shape[0], 1, H)).reshape(s.Mh.shape[0], B * H)
                        for s, r in items])
-        A = L.to(t.dtype) @ t.permute(0, 2, 3, 1).reshape(B * H, W * C)
+        A, n2 = _rows(t.permute(0, 2, 3, 1).reshape(B * H, W * C), left=L.to(t.dtype), sq=fsq)
         off = 0
         for s, _ in items:
             kh = s.Mh.shape[0]
@@ -166,17 +211,19 @@ def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]]) -> list[float]:
             off += kh
             Z = torch.matmul(s.Mw.double(), Ai)                           # (kh, kw, C)
             out.append(float((Z * s.K.double().permute(1, 2, 0)).sum()))
-        return out
+        return out, (n2 if fsq else (_norm2(t) if sq else None))
     tc = t.contiguous()
-    A = (tc.view(B * C * H, W) @ torch.cat([s.Mw for s, _ in items]).to(t.dtype).t()).view(B, C, H, -1)
+    Mw = torch.cat([s.Mw for s, _ in items])
+    A, n2 = _rows(tc.view(B * C * H, W), right=Mw.to(t.dtype).t().contiguous(), sq=fsq)
+    # batch contracted for every item at once: (n, B) @ (B, C·H·kw_total), one read of A
+    Z = (torch.stack([r for _, r in items]).to(t.dtype) @ A.view(B, -1)).view(len(items), C, H, -1)
     off = 0
-    for s, r in items:
+    for j, (s, _) in enumerate(items):
         kw = s.Mw.shape[0]
-        Ai = A[..., off:off + kw].double()
+        Zi = Z[j, ..., off:off + kw].double()                                 # (C, H, kw)
         off += kw
-        Z = (r.double() @ Ai.reshape(B, -1)).view(C, H, kw)                  # batch contracted
-        out.append(float((torch.matmul(s.Mh.double(), Z) * s.K.double()).sum()))  # (C, kh, kw)
-    return out
+        out.append(float((torch.matmul(s.Mh.double(), Zi) * s.K.double()).sum()))  # (C, kh, kw)
+    return out, (n2 if fsq else (_norm2(t) if sq else None))
 
 
 Val = Tensor | Fact | Sep | None
@@ -410,19 +457,28 @@ def _ip(s: Val, t: Tensor | None) -> float:
     if isinstance(s, Fact):
         return float((_cvec(t, s.u).double() * s.V[:, 0]).sum())
     if isinstance(s, Sep):
-        return _sep_batch(t, [(s, torch.ones(t.shape[0], dtype=torch.float64))])[0]
+        return _sep_batch(t, [(s, torch.ones(t.shape[0], dtype=torch.float64))])[0][0]
     return _dot(s, t)
 
 
 def _norm2(t: Tensor | None) -> float:
-    """‖t‖²: one vectorized pass in the tensor's own precision; NaN/Inf anywhere make it non-finite. Only a
-    non-finite float32 result is recomputed in float64 (an honest overflow of the square sum is not NaN/Inf)."""
+    """‖t‖² in one pass over the tensor's own storage (:func:`_rows`: float32 products per chunk, float64
+    across chunks). NaN/Inf anywhere make the square sum non-finite: every term is ``x²`` ≥ 0, NaN or +Inf,
+    so no cancellation can hide one. A non-finite sum is settled exactly by :func:`_norm2_exact` (an honest
+    float32 overflow of the squares is not NaN/Inf): NaN is returned iff ``t`` has a NaN or Inf."""
     if t is None:
         return 0.0
-    n = float(torch.linalg.vector_norm(t))
-    if not math.isfinite(n) and t.dtype != torch.float64:
-        n = float(torch.linalg.vector_norm(t, dtype=torch.float64))
-    return n * n
+    M = _flat2d(t) if t.dtype in (torch.float32, torch.float64) else None
+    n2 = _rows(M, sq=True)[1] if M is not None else float(torch.linalg.vector_norm(t)) ** 2
+    return n2 if math.isfinite(n2) else _norm2_exact(t)
+
+
+def _norm2_exact(t: Tensor) -> float:
+    """‖t‖² after a non-finite fast square sum: NaN if ``t`` holds a NaN or Inf (exact element test), else
+    the norm recomputed in float64 (finite for any float32 data; ``inf`` only for float64 data beyond it)."""
+    if not bool(torch.isfinite(t).all()):
+        return math.nan
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
 @dataclass
@@ -461,11 +517,28 @@ class _Batch:
         return i
 
     def run(self) -> list[float]:
+        """Evaluate the pending products; a tensor whose norm and finiteness :meth:`Verifier._tensor_ok` left
+        to this pass gets its square sum from the same read (:func:`_sep_batch`)."""
+        st = self.v._state()
         for t, items in self.pending.values():
-            for (i, _, _), x in zip(items, _sep_batch(t, [(s, r) for _, s, r in items])):
+            want = id(t) in st.pend and st.pend[id(t)][0] is t
+            vals, n2 = _sep_batch(t, [(s, r) for _, s, r in items], sq=want)
+            for (i, _, _), x in zip(items, vals):
                 self.val[i] = x
+            if want:
+                st.fused[id(t)] = n2
         self.pending.clear()
         return self.val
+
+
+@dataclass
+class _CheckState:
+    """Per-thread state of the check in progress (dropped when it ends)."""
+
+    norms: dict[int, tuple[Tensor, float]] = field(default_factory=dict)  # verified ‖t‖² by id
+    coll: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)  # batch-collapsed
+    pend: dict[int, tuple[Tensor, str]] = field(default_factory=dict)  # norm/finiteness still to settle
+    fused: dict[int, float] = field(default_factory=dict)  # ‖t‖² taken in a projection pass
 
 
 class Verifier:
@@ -512,8 +585,13 @@ class Verifier:
         self._forwards: dict[int, _Forward] = {}
         self._shape_cache: dict[tuple, tuple[Shapes, bool]] = {}
         self._stats = self._zero_stats()
-        self._norms: dict[int, tuple[Tensor, float]] = {}
-        self._coll: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._local = threading.local()
+
+    def _state(self) -> _CheckState:
+        st = getattr(self._local, "st", None)
+        if st is None:
+            st = self._local.st = _CheckState()
+        return st
 
     def _ipk(self, s: Val, t: Tensor | None, Rm: Tensor | None, k: int) -> float:
         """``⟨S, t⟩`` for ``S = Rm[k] ⊗ s`` (batch-collapsed) or ``S = s`` (``Rm`` is None)."""
@@ -521,10 +599,11 @@ class Verifier:
             return 0.0
         if Rm is not None:
             key = (id(t), id(Rm))
-            hit = self._coll.get(key)
+            coll = self._state().coll
+            hit = coll.get(key)
             if hit is None or hit[0] is not t:
                 hit = (t, _collapse(Rm, t))
-                self._coll[key] = hit
+                coll[key] = hit
             t = hit[1][k:k + 1]
         return _ip(s, t)
 
@@ -532,7 +611,7 @@ class Verifier:
         """‖t‖² of a tensor already checked by :meth:`_tensor_ok` in this check (computed once)."""
         if t is None:
             return 0.0
-        hit = self._norms.get(id(t))
+        hit = self._state().norms.get(id(t))
         return hit[1] if hit is not None and hit[0] is t else _norm2(t)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -651,7 +730,10 @@ class Verifier:
             self._stats["failures"] += 1
         return IntegrityError(f"accelerator result for layer {layer!r} failed verification: {what}")
 
-    def _tensor_ok(self, layer: str, where: str, t: Any, spec: tuple[tuple[int, ...], torch.dtype] | None) -> None:
+    def _tensor_ok(self, layer: str, where: str, t: Any, spec: tuple[tuple[int, ...], torch.dtype] | None,
+                   defer: bool = False) -> None:
+        """Type, shape and dtype of ``t`` now; its finiteness (and the norm the tolerance needs) now, or with
+        ``defer`` at the next :meth:`_settle`, taken from a projection pass over ``t`` if one ran by then."""
         if t is None:
             return
         if not isinstance(t, Tensor):
@@ -663,11 +745,23 @@ class Verifier:
             raise self._fail(layer, f"{where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         if t.dtype != dtype:
             raise self._fail(layer, f"{where} has dtype {t.dtype}, expected {dtype}")
-        # one pass gives the norm (needed for the tolerance) and finiteness (NaN/Inf make it non-finite)
-        n2 = _norm2(t)
-        if not math.isfinite(n2):
-            raise self._fail(layer, f"{where} contains NaN or Inf")
-        self._norms[id(t)] = (t, n2)
+        self._state().pend[id(t)] = (t, where)
+        if not defer:
+            self._settle(layer)
+
+    def _settle(self, layer: str) -> None:
+        """Finiteness and norm of every tensor :meth:`_tensor_ok` accepted so far in this check, in order:
+        from a fused projection pass where one ran, else one pass of its own (:func:`_norm2`)."""
+        st = self._state()
+        for i, (t, where) in list(st.pend.items()):
+            n2 = st.fused.pop(i, None)
+            n2 = _norm2(t) if n2 is None else (n2 if math.isfinite(n2) else _norm2_exact(t))
+            del st.pend[i]
+            if math.isnan(n2):
+                raise self._fail(layer, f"{where} contains NaN or Inf")
+            if not math.isfinite(n2):
+                raise self._fail(layer, f"{where} has a norm beyond the float64 range")
+            st.norms[i] = (t, n2)
 
     def _compare(self, layer: str, what: str, lhs: float, rhs: float, norm2: float) -> None:
         tol = self.rtol * math.sqrt(norm2) + 1e-30
@@ -693,8 +787,7 @@ class Verifier:
         finally:
             if torch.get_num_threads() != n:
                 torch.set_num_threads(n)
-            self._norms.clear()
-            self._coll.clear()
+            self._local.st = None
             with self._lock:
                 self._stats["checks"] += 1
                 self._stats["seconds"] += time.perf_counter() - t0
@@ -724,10 +817,11 @@ class Verifier:
                 got = sorted(result) if isinstance(result, dict) else type(result).__name__
                 raise self._fail(layer, f"forward returned {got}, expected outputs {sorted(outputs)}")
             for o in outputs:
-                self._tensor_ok(layer, f"forward output {o!r}", result[o], shapes.get(o))
+                self._tensor_ok(layer, f"forward output {o!r}", result[o], shapes.get(o), defer=True)
             full = self._draw(layer)
             rec = _Forward(program, dict(params), shapes, collapsed, layer, None, full=full) if keep_graph else None
             if not full:
+                self._settle(layer)
                 if rec is not None:
                     with self._lock:
                         self._forwards[key] = rec
@@ -759,6 +853,7 @@ class Verifier:
                         adj = adjoint(program, P, {n: s}, sh1)
                         exps.setdefault(n, []).append((s, [bt.add(adj.get(m), x, Rm, k) for m, x in xs.items()]))
             val = bt.run()
+            self._settle(layer)  # NaN/Inf are reported as such, before any randomized comparison
             for o, lhs, rhs in checks:
                 self._compare(layer, f"forward output {o!r}", val[lhs], sum(val[i] for i in rhs), self._n2(result[o]))
             if rec is not None:
@@ -788,8 +883,9 @@ class Verifier:
                                             f"that were not requested ({sorted(names)})")
                 for n, t in got.items():
                     spec = pspec.get(n) if sect == "param_grads" else shapes.get(n)
-                    self._tensor_ok(layer, f"backward {sect}[{n!r}]", t, spec)
+                    self._tensor_ok(layer, f"backward {sect}[{n!r}]", t, spec, defer=True)
             if not rec.full:
+                self._settle(layer)
                 return
             P = self._params(rec.params)
             sh1 = self._one(shapes, collapsed)
@@ -819,6 +915,7 @@ class Verifier:
                     checks.append((f"{sect}[{n!r}] (gradient)", bt.add(s, v, Rm, k),
                                    [bt.add(outs.get(o), g, Rm, k) for o, g in roots.items()], v))
             val = bt.run()
+            self._settle(layer)  # NaN/Inf are reported as such, before any randomized comparison
             for what, lhs, rhs, t in checks:
                 exp = rhs if isinstance(rhs, float) else sum(val[i] for i in rhs)
                 self._compare(layer, what, val[lhs], exp, self._n2(t))
