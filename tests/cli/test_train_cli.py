@@ -237,5 +237,6 @@ def test_micro_batch_and_split_options_reach_the_split_model(tmp_path: Path) -> 
 
     with pytest.raises(ConfigError, match="invalid value for --iters"):
         TrainConfig(iters=0).validate()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="sigma must be a finite number >= 0") as info:
         noise_config(TrainConfig(noise=-1.0))
+    assert info.value.__cause__ is None and info.value.__context__ is None  # raised directly, not re-wrapped

@@ -220,10 +220,12 @@ def test_paper_backward_with_noise_reports_null_epsilon(tmp_path: Path) -> None:
 
 
 def test_config_files_and_option_validation(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text("model: resnet20\nlr: 0.1\nrank: adaptive:0.1\nwarm-start: false\n")
+    (tmp_path / "a.yaml").write_text("model: resnet20\nlr: 0.1\nrank: adaptive:0.1\nwarm-start: false\n"
+                                     "micro-batch: 8\n")
     (tmp_path / "b.toml").write_text('[train]\nepochs = 3\nmode = "plain"\n')
     cfg, _ = prepare({"lr": 0.2}, str(tmp_path / "a.yaml"))
     assert (cfg.model, cfg.lr, cfg.rank, cfg.warm_start) == ("resnet20", 0.2, "adaptive:0.1", False)
+    assert cfg.micro_batch == 8 and cfg.split_options().micro_batch == 8
     cfg, _ = prepare({}, str(tmp_path / "b.toml"))
     assert (cfg.epochs, cfg.mode) == (3, "plain")
     assert load_config_file(tmp_path / "b.toml") == {"epochs": 3, "mode": "plain"}
@@ -235,7 +237,8 @@ def test_config_files_and_option_validation(tmp_path: Path) -> None:
         prepare({}, str(tmp_path / "unknown.toml"))
     for bad, match in ((dict(noise=1.0, epsilon=1.0), "conflicting"), (dict(mode="plain", noise=1.0), "no effect"),
                        (dict(model="resnet18", width=0.5), "--width"), (dict(rank="banana"), "--rank"),
-                       (dict(tau=0.1, rank="4"), "--tau")):
+                       (dict(tau=0.1, rank="4"), "--tau"), (dict(micro_batch=0), "--micro-batch"),
+                       (dict(warm_start="no"), "--warm-start"), (dict(decomposition="qr"), "invalid decomposition")):
         with pytest.raises(ConfigError, match=match):
             TrainConfig(**bad).validate()
     assert "epochs" in RUNTIME_FIELDS and "lr" not in RUNTIME_FIELDS

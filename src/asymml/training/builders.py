@@ -60,16 +60,12 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int, image_size
 
 
 def noise_config(cfg: TrainConfig) -> Any:
-    """The :class:`~asymml.privacy.NoiseConfig` of ``cfg`` (None without noise)."""
+    """The :class:`~asymml.privacy.NoiseConfig` of ``cfg`` (None without noise); a bad value raises
+    :class:`ConfigError` from NoiseConfig's own validation."""
     from ..privacy import NoiseConfig
 
-    try:
-        return NoiseConfig.from_options(sigma=cfg.noise, nsr=cfg.nsr, epsilon=cfg.epsilon, delta=cfg.delta,
-                                        clip=cfg.clip)
-    except ConfigError:
-        raise
-    except ValueError as e:  # privacy/noise.py still raises ValueError; drop this once it raises ConfigError
-        raise ConfigError(str(e)) from None
+    return NoiseConfig.from_options(sigma=cfg.noise, nsr=cfg.nsr, epsilon=cfg.epsilon, delta=cfg.delta,
+                                    clip=cfg.clip)
 
 
 def build_executor(cfg: TrainConfig, device: str | None = None) -> Any:
