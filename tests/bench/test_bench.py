@@ -361,3 +361,23 @@ def test_verify_variant_reports_overhead_and_detection() -> None:
     assert d["verify_detection_per_job"] == pytest.approx(0.5)
     assert d["trusted_overhead_vs_asym"] is not None and d["trusted_overhead_vs_asym"] > -1
     assert "trusted_overhead_vs_asym" not in next(d for d in res["derived"] if not d.get("variant"))
+
+
+def test_micro_batched_training_step_lowers_the_trusted_peak() -> None:
+    """--micro-batch in training: forward+backward per micro-batch (gradients accumulated), the same releases,
+    a lower trusted peak in every trusted mode; a train-mode BatchNorm model is refused."""
+    from asymml.errors import ConfigError
+
+    runs = {}
+    for mb in (None, 2):
+        res = run_bench(_tiny(input_sizes=[32], batch_sizes=[8], rounds=1, phases=("train",),
+                              modes=("trusted-only", "asym"), backwards=("protected",), micro_batch=mb),
+                        log=lambda s: None)
+        runs[mb] = {r["mode"]: r for r in res["runs"]}
+    for mode in ("trusted-only", "asym"):
+        # (at this size activations outweigh the parameter gradients, which accumulation keeps whole)
+        assert runs[2][mode]["trusted_peak_bytes"] < 0.8 * runs[None][mode]["trusted_peak_bytes"], mode
+    assert runs[2]["asym"]["released_bytes"] == runs[None]["asym"]["released_bytes"] > 0
+    with pytest.raises(ConfigError, match="train-mode BatchNorm"):
+        run_bench(_tiny(models=["vgg11_bn"], rounds=1, phases=("train",), modes=("trusted-only",), micro_batch=1),
+                  log=lambda s: None)
