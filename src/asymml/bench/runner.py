@@ -552,7 +552,7 @@ class BenchRunner:
         if phase == "train":
             # --micro-batch m: forward+backward per micro-batch, gradients accumulated (asymml.microbatch), one
             # optimizer step; every trusted mode alike (the split options carry it), plain on the whole batch
-            mb = self.cfg.micro_batch if e.mode != "plain" else None
+            mb = self.cfg.micro_batch if e.mode != "plain" else len(x)  # (plain: never micro-batched)
             accumulate(e.sm, x, y, F.cross_entropy, micro_batch=mb)
             if e.opt is not None:
                 e.opt.step()
