@@ -23,6 +23,7 @@ from .errors import (
 )
 from .executors import Executor, LocalExecutor, RemoteExecutor
 from .ledger import Ledger, Release
+from .microbatch import Accumulated, accumulate
 from .runtime import SplitModule
 from .validate import ValidationReport, fix, validate
 
@@ -33,5 +34,5 @@ __all__ = [
     "ValidationReport", "decompose", "parse_rank", "FixedRank", "RankList", "RankSchedule", "AdaptiveRank",
     "AsymmlError", "ConfigError", "InputError", "UnsupportedOperationError", "UntraceableModelError",
     "CheckpointError", "IntegrityError", "PrivacyConfigError", "DatasetNotFoundError", "TrainingDivergedError",
-    "ProtocolError", "RemoteError", "AcceleratorConnectionError",
+    "ProtocolError", "RemoteError", "AcceleratorConnectionError", "accumulate", "Accumulated",
 ]
