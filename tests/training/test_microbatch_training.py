@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import asymml
+from asymml import accumulate
 from asymml.errors import ConfigError
-from asymml.microbatch import accumulate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -153,3 +153,16 @@ def test_trainer_micro_batched_run_equals_the_whole_batch_run(tmp_path: Path) ->
 def test_trainer_refuses_batchnorm_with_micro_batches(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train-mode BatchNorm"):
         _trainer(tmp_path / "bn", 4, norm="batch")
+
+
+def test_micro_batched_noised_steps_are_accounted_like_whole_batches(tmp_path: Path) -> None:
+    """Each sample is in one micro-batch: a step is accounted with one micro-batch's releases (not their sum),
+    the same as the whole batch's step; the ledger still counts every transfer."""
+    acct, kinds = {}, {}
+    for mb in (None, 4):
+        t = _trainer(tmp_path / f"n{mb}", mb, noise=1.0, backward="paper", noise_seed=3)
+        t.fit()
+        acct[mb] = t.accountant.state_dict()
+        kinds[mb] = dict(t.releases_by_kind_per_step)
+    assert acct[4] == acct[None] and acct[None]
+    assert kinds[None]["residual"] > 0 and kinds[4]["residual"] == 4 * kinds[None]["residual"]
