@@ -181,6 +181,24 @@ def _rows(M: Tensor, *, left: Tensor | None = None, right: Tensor | None = None,
     return out, s
 
 
+def _wproj(gw: Tensor, T: Tensor, m: Tensor, K: Tensor, sq: bool) -> tuple[Tensor, float | None]:
+    """``⟨T_k ⊗ m_k ⊗ K_k, ∇W⟩`` (conv, ``∇W``: O × I × kh × kw) or ``⟨T_k ⊗ m_k, ∇W⟩`` (linear, O × I) for
+    every round ``k``, from one pass over ``∇W`` in its own precision (:func:`_rows`: the kernel factor
+    first, or the input factor for a linear weight); with ``sq`` also ``‖∇W‖²`` from that pass."""
+    g = gw if gw.is_contiguous() else gw.contiguous()
+    fsq = sq and g.dtype in (torch.float32, torch.float64)
+    O, I = g.shape[:2]
+    if g.dim() == 2:
+        G, n2 = _rows(g, right=m.t().to(g.dtype).contiguous(), sq=fsq)           # (O, R)
+        lhs = (G.double() * T.t()).sum(0)
+    else:
+        R = K.shape[0]
+        G, n2 = _rows(g.view(O * I, -1), right=K.reshape(R, -1).t().to(g.dtype).contiguous(), sq=fsq)
+        H = torch.einsum("oir,ro->ri", G.view(O, I, R), T.to(g.dtype))             # (R, I)
+        lhs = (H.double() * m).sum(1)
+    return lhs, (n2 if fsq else (_norm2(gw) if sq else None))
+
+
 def _flat2d(t: Tensor) -> Tensor | None:
     """``t`` as a row-major 2-D view of its own storage (no copy), or None when its layout has none."""
     if t.dim() == 0:
@@ -915,6 +933,25 @@ class Verifier:
                     checks.append((f"{sect}[{n!r}] (gradient)", bt.add(s, v, Rm, k),
                                    [bt.add(outs.get(o), g, Rm, k) for o, g in roots.items()], v))
             val = bt.run()
+            # weight gradients' projections ⟨T, ∇W⟩ (test weights drawn now), with their norms in the same pass
+            st = self._state()
+            wtests: dict[str, tuple[Tensor, Tensor, Tensor, Tensor] | None] = {}
+            for p in request.param_grads:
+                W, gw = rec.params.get(p), result["param_grads"].get(p)
+                if W is None or W.dim() < 2:
+                    wtests[p] = None  # refused below (only conv/linear weights are verifiable)
+                    continue
+                T = self._randn(self.rounds, W.shape[0])  # test tensor per round: t ⊗ m ⊗ K (conv), t ⊗ m (linear)
+                m = self._randn(self.rounds, W.shape[1])
+                K = self._randn(self.rounds, *W.shape[2:])
+                if gw is None:
+                    lhs = torch.zeros(self.rounds, dtype=torch.float64)
+                else:
+                    want = id(gw) in st.pend and st.pend[id(gw)][0] is gw
+                    lhs, n2 = _wproj(gw, T, m, K, want)
+                    if want:
+                        st.fused[id(gw)] = n2
+                wtests[p] = (T, m, K, lhs)
             self._settle(layer)  # NaN/Inf are reported as such, before any randomized comparison
             for what, lhs, rhs, t in checks:
                 exp = rhs if isinstance(rhs, float) else sum(val[i] for i in rhs)
@@ -925,10 +962,10 @@ class Verifier:
                 uses = [i for i in program if p in i.params]
                 if any(i.op not in ("conv2d", "linear") or i.params[0] != p for i in uses):
                     raise self._fail(layer, f"weight gradient of {p!r} cannot be verified (not a conv/linear weight)")
-                W = rec.params[p]
-                T = self._randn(self.rounds, W.shape[0])  # test tensor per round: t ⊗ m ⊗ K (conv), t ⊗ m (linear)
-                m = self._randn(self.rounds, W.shape[1])
-                K = self._randn(self.rounds, *W.shape[2:])
+                wt = wtests[p]
+                if wt is None:
+                    raise self._fail(layer, f"weight gradient of {p!r} cannot be verified (not a conv/linear weight)")
+                T, m, K, lhs = wt
                 exp = torch.zeros(self.rounds, dtype=torch.float64)
                 for ins in uses:
                     if shapes.get(ins.out) is None:
@@ -939,12 +976,6 @@ class Verifier:
                     d, x = result["value_grads"].get(ins.out), vals.get(ins.args[0])
                     if d is not None and x is not None:
                         exp += self._wgrad_proj(ins, x, d, T, m, K)
-                if gw is None:
-                    lhs = torch.zeros(self.rounds, dtype=torch.float64)
-                elif gw.dim() == 2:
-                    lhs = torch.einsum("oi,ro,ri->r", gw.double(), T, m)
-                else:
-                    lhs = torch.einsum("oikl,ro,ri,rkl->r", gw.double(), T, m, K)
                 for k in range(self.rounds):
                     self._compare(layer, f"weight gradient of {p!r}", float(lhs[k]), float(exp[k]), self._n2(gw))
 
