@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 __all__ = ["Accumulated", "accumulate", "check_micro_batchable"]
 
@@ -83,7 +83,7 @@ def accumulate(sm: nn.Module, x: Tensor, y: Tensor,
     m = _micro_batch_of(sm, micro_batch)
     n = int(x.shape[0])
     if len(y) != n:
-        raise ConfigError(f"{n} inputs but {len(y)} targets")
+        raise InputError(f"{n} inputs but {len(y)} targets")
     if m is None or m >= n:
         out = sm(x)
         loss = loss_fn(out, y.to(out.device))

@@ -120,6 +120,13 @@ def test_invalid_micro_batch(bad: Any) -> None:
         accumulate(sm, x, y, micro_batch=bad)
 
 
+def test_targets_must_match_inputs() -> None:
+    sm = asymml.split(_net(), mode="trusted-only")
+    (x, y), = _batches(1)
+    with pytest.raises(asymml.InputError, match="8 inputs but 7 targets"):
+        accumulate(sm, x, y[:7], micro_batch=2)
+
+
 # ---------------------------------------------------------------------------------------- the trainer
 
 TINY: dict[str, Any] = dict(image_size=16, width=0.25, limit_train=64, limit_test=64, batch_size=16,
