@@ -183,19 +183,16 @@ def _rows(M: Tensor, *, left: Tensor | None = None, right: Tensor | None = None,
 
 def _wproj(gw: Tensor, T: Tensor, m: Tensor, K: Tensor, sq: bool) -> tuple[Tensor, float | None]:
     """``⟨T_k ⊗ m_k ⊗ K_k, ∇W⟩`` (conv, ``∇W``: O × I × kh × kw) or ``⟨T_k ⊗ m_k, ∇W⟩`` (linear, O × I) for
-    every round ``k``, from one pass over ``∇W`` in its own precision (:func:`_rows`: the kernel factor
-    first, or the input factor for a linear weight); with ``sq`` also ``‖∇W‖²`` from that pass."""
+    every round ``k``, from one pass over ``∇W`` in its own precision (:func:`_rows`: the output-channel
+    factor first, a well-shaped product), then small float64 contractions; with ``sq`` also ``‖∇W‖²``."""
     g = gw if gw.is_contiguous() else gw.contiguous()
     fsq = sq and g.dtype in (torch.float32, torch.float64)
     O, I = g.shape[:2]
-    if g.dim() == 2:
-        G, n2 = _rows(g, right=m.t().to(g.dtype).contiguous(), sq=fsq)           # (O, R)
-        lhs = (G.double() * T.t()).sum(0)
-    else:
-        R = K.shape[0]
-        G, n2 = _rows(g.view(O * I, -1), right=K.reshape(R, -1).t().to(g.dtype).contiguous(), sq=fsq)
-        H = torch.einsum("oir,ro->ri", G.view(O, I, R), T.to(g.dtype))             # (R, I)
-        lhs = (H.double() * m).sum(1)
+    R = T.shape[0]
+    V, n2 = _rows(g.view(O, -1), left=T.to(g.dtype), sq=fsq)                   # (R, I·k): output factor first
+    V = V.view(R, I, -1).double()
+    lhs = (V * m.view(R, I, 1)).sum(1)                                          # (R, k)
+    lhs = (lhs * K.reshape(R, -1)).sum(1) if g.dim() > 2 else lhs[:, 0]
     return lhs, (n2 if fsq else (_norm2(gw) if sq else None))
 
 
@@ -230,17 +227,17 @@ def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]], sq: bool = False) -> 
             Z = torch.matmul(s.Mw.double(), Ai)                           # (kh, kw, C)
             out.append(float((Z * s.K.double().permute(1, 2, 0)).sum()))
         return out, (n2 if fsq else (_norm2(t) if sq else None))
+    # rows (b, c): L[(item, i, j), (b, c)] = r[b]·K[c, i, j]; then A = L @ t viewed as (B·C, H·W)
     tc = t.contiguous()
-    Mw = torch.cat([s.Mw for s, _ in items])
-    A, n2 = _rows(tc.view(B * C * H, W), right=Mw.to(t.dtype).t().contiguous(), sq=fsq)
-    # batch contracted for every item at once: (n, B) @ (B, C·H·kw_total), one read of A
-    Z = (torch.stack([r for _, r in items]).to(t.dtype) @ A.view(B, -1)).view(len(items), C, H, -1)
+    L = torch.cat([(r.view(1, B, 1) * s.K.permute(1, 2, 0).reshape(-1, 1, C)).reshape(-1, B * C)
+                   for s, r in items])
+    A, n2 = _rows(tc.view(B * C, H * W), left=L.to(t.dtype), sq=fsq)
     off = 0
-    for j, (s, _) in enumerate(items):
-        kw = s.Mw.shape[0]
-        Zi = Z[j, ..., off:off + kw].double()                                 # (C, H, kw)
-        off += kw
-        out.append(float((torch.matmul(s.Mh.double(), Zi) * s.K.double()).sum()))  # (C, kh, kw)
+    for s, _ in items:
+        kh, kw = s.Mh.shape[0], s.Mw.shape[0]
+        Ai = A[off:off + kh * kw].view(kh, kw, H, W).double()
+        off += kh * kw
+        out.append(float(torch.einsum("ijhw,ih,jw->", Ai, s.Mh.double(), s.Mw.double())))
     return out, (n2 if fsq else (_norm2(t) if sq else None))
 
 
