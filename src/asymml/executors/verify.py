@@ -237,7 +237,8 @@ def _sep_batch(t: Tensor, items: list[tuple[Sep, Tensor]], sq: bool = False) -> 
         kh, kw = s.Mh.shape[0], s.Mw.shape[0]
         Ai = A[off:off + kh * kw].view(kh, kw, H, W).double()
         off += kh * kw
-        out.append(float(torch.einsum("ijhw,ih,jw->", Ai, s.Mh.double(), s.Mw.double())))
+        P = (Ai * s.Mw.double().view(1, kw, 1, W)).sum(-1)                  # (kh, kw, H)
+        out.append(float((P * s.Mh.double().view(kh, 1, H)).sum()))
     return out, (n2 if fsq else (_norm2(t) if sq else None))
 
 
@@ -389,7 +390,7 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
                 W, kw = params[ins.params[0]], ins.kw
                 (s1, s2), (p1, p2), (d1, d2) = (_pair(kw.get(k, d)) for k, d in
                                                 (("stride", 1), ("padding", 0), ("dilation", 1)))
-                Wu = torch.einsum("oik,i->ok", W.reshape(*W.shape[:2], -1), f[0].to(W.dtype)).view(W.shape[0], *W.shape[2:])
+                Wu = (f[0].to(W.dtype) @ W.reshape(*W.shape[:2], -1)).view(W.shape[0], *W.shape[2:])  # batched vecmat
                 oh, ow = shapes[ins.out][0][2:]
                 y = Sep(Wu, _push(f[1], oh, W.shape[2], s1, p1, d1), _push(f[2], ow, W.shape[3], s2, p2, d2))
             elif op == "conv2d":
@@ -397,7 +398,7 @@ def forward_linear(program: list[Instr], params: dict[str, Tensor], injections: 
                 if isinstance(x, Sep):
                     x = x.fact() or x.dense()
                 if isinstance(x, Fact) and kw.get("groups", 1) == 1:
-                    wu = torch.einsum("oik,i->ok", W.reshape(*W.shape[:2], -1), x.u.to(W.dtype))
+                    wu = x.u.to(W.dtype) @ W.reshape(*W.shape[:2], -1)
                     wu = wu.view(W.shape[0], 1, *W.shape[2:]).float()
                     y = F.conv2d(x.V.float(), wu, None, stride=kw.get("stride", 1), padding=kw.get("padding", 0),
                                  dilation=kw.get("dilation", 1))
