@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hostile_util import batch, split_all, tiny
@@ -194,3 +196,79 @@ def test_checks_run_single_threaded_and_restore_the_thread_count(case):
         assert torch.get_num_threads() == 2  # restored after a failed check too
     finally:
         torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ fused passes (norm, finiteness, projection)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "weight"])
+def test_square_sum_finiteness_is_exact(monkeypatch, layout):
+    """The norm pass doubles as the finiteness check: NaN/±Inf anywhere (also +Inf and -Inf together, which
+    cancel in a plain sum) must make it NaN, an honest float32 overflow of the squares must not."""
+    from asymml.executors import verify as vf
+
+    monkeypatch.setattr(vf, "_CHUNK_BYTES", 256)  # many chunks, so the bad element may sit in any of them
+    g = torch.Generator().manual_seed(3)
+    shape = {"nchw": (3, 4, 5, 6), "channels_last": (3, 4, 5, 6), "2d": (7, 33), "weight": (6, 4, 3, 3)}[layout]
+
+    def make():
+        t = torch.randn(shape, generator=g)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+    def storage(t):  # the tensor's elements in memory order, as a view
+        return t.view(-1) if t.is_contiguous() else t.permute(0, 2, 3, 1).reshape(-1)
+
+    t = make()
+    assert vf._norm2(t) == pytest.approx(float(t.double().square().sum()), rel=1e-5)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        for _ in range(3):
+            t = make()
+            idx = torch.randperm(t.numel(), generator=g)[:len(bad)]
+            storage(t)[idx] = torch.tensor(bad)
+            assert not bool(torch.isfinite(t).all())
+            assert math.isnan(vf._norm2(t)), (layout, bad)
+    big = make() * 1e30  # finite, but its squares overflow float32
+    storage(big)[-1] = 3.0e38
+    n2 = vf._norm2(big)
+    assert math.isfinite(n2) and n2 == pytest.approx(float(big.double().square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_projection_matches_dense_reference(monkeypatch, channels_last):
+    from asymml.executors import verify as vf
+
+    monkeypatch.setattr(vf, "_CHUNK_BYTES", 512)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(3, 5, 6, 7, generator=g)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    v = Verifier()
+    items = [(vf.Sep.rank1(v._randn(5), v._randn(6), v._randn(7)), v._randn(3)),
+             (vf.Sep(v._randn(5, 3, 3), v._randn(3, 6), v._randn(3, 7)), v._randn(3))]
+    vals, n2 = vf._sep_batch(t, items, sq=True)
+    for (s, r), got in zip(items, vals):
+        ref = float((r.view(-1, 1, 1, 1) * s.dense() * t.double()).sum())
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert n2 == pytest.approx(float(t.double().square().sum()), rel=1e-5)
+    W = torch.randn(4, 5, 3, 3, generator=g)
+    T, m, K = v._randn(2, 4), v._randn(2, 5), v._randn(2, 3, 3)
+    lhs, n2 = vf._wproj(W, T, m, K, True)
+    ref = torch.einsum("oikl,ro,ri,rkl->r", W.double(), T, m, K)
+    assert torch.allclose(lhs, ref, rtol=1e-5) and n2 == pytest.approx(float(W.double().square().sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["output", "weight gradient"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_in_fused_passes_is_named(case, where, bad):
+    """NaN/Inf in a tensor whose norm is taken in its projection pass is still reported as such."""
+    c, fwd, bwd = case
+    for cl in (False, True):
+        f, b = _copy(fwd, bwd)
+        if where == "output":
+            t = f["a"].clone()
+            t[1, 2, 3, 4] = bad
+            f["a"] = t.contiguous(memory_format=torch.channels_last) if cl else t
+        else:
+            t = b["param_grads"]["c1.weight"].clone()
+            t[2, 1, 0, 2] = bad
+            b["param_grads"]["c1.weight"] = t
+        with pytest.raises(IntegrityError, match="NaN or Inf"):
+            _run_checks(Verifier(sample=1.0), c, f, b)
