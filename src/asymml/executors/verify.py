@@ -20,10 +20,15 @@ by ``u``, ``Mh``/``Mw`` = ``vh``/``vw`` shifted by the kernel offsets), so no co
 ``⟨r ⊗ S, X⟩`` over a whole batch is one matrix product ``(r ⊗ Mh) @ X`` over ``X`` in its own memory
 layout. :class:`_Batch` stacks every test tensor a check applies to the same tensor (all rounds, every
 output, the expected values kept for the backward) into that one product, so each tensor that crosses is
-read once per check, plus one float32 pass for its norm and finiteness. Per-sample programs are checked on
-the batch collapsed by ``r``; non-separable cases (grouped convolutions, pooling) fall back to dense test
-tensors. Measured on VGG-16 224 px, batch 8 (``tests/executors/measure_overhead.py --replay``): with every
-job checked, 14-18% of asym trusted time, against 32-181% before; the floor of this design is those reads.
+read once per check. The product runs over row chunks of about 1 MiB (:func:`_rows`), and a result's
+square sum (its norm, for the tolerance, and its finiteness) is taken on each chunk while it is still in
+cache, so the norm costs no second read from memory; weight gradients are projected the same way
+(:func:`_wproj`). Per-sample programs are checked on the batch collapsed by ``r``; non-separable cases
+(grouped convolutions, pooling) fall back to dense test tensors. Measured on VGG-16 224 px, batch 8, one
+thread (``tests/executors/measure_overhead.py --replay --sample 1.0``): with every job checked, about 9%
+(inference) and 5% (training) of asym trusted time, against 17% and 10% with a separate norm pass. What
+remains is bounded by reading each result and each released input once (about 12-15 GB/s on one core),
+the second read of a weight-gradient check's value and gradient, and one read of a weight per test tensor.
 
 Sampling. By default (``SAMPLE``, ``WARMUP``, ``MAX_GAP``) the randomized checks run on a secret random
 subset of each layer's jobs (every job in the warm-up, then each with probability ``sample``, and never
@@ -66,8 +71,9 @@ RTOL_GPU = 2e-2
 _A = math.sqrt(3 / 7)  # magnitude scale of test entries: E[s²] = 1
 #: default sampling of the randomized checks (see :class:`Verifier`): every job of a layer in its first
 #: WARMUP jobs, then each job with probability SAMPLE, and never MAX_GAP jobs of a layer in a row unchecked.
-#: With every job checked the trusted-time overhead measured 14-18% of asym trusted time on VGG-16 224 px
-#: (tests/executors/measure_overhead.py --replay); sampling a quarter of the jobs brings it to about 5-6%.
+#: With every job checked the trusted-time overhead measured about 9% (inference) and 5% (training) of asym
+#: trusted time on VGG-16 224 px (tests/executors/measure_overhead.py --replay); sampling a quarter of the
+#: jobs brings it to about 3-5%.
 SAMPLE = 0.25
 WARMUP = 2
 MAX_GAP = 8
