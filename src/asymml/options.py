@@ -203,10 +203,11 @@ class SplitOptions:
     placement: str = _opt("auto", "auto (a cost model calibrated on this machine keeps a layer fully trusted when "
                           "splitting it would not save trusted time), split (every layer that can be), or trusted",
                           _parse_text, choices=PLACEMENTS)
-    micro_batch: int | None = _opt(None, "run inference (no autograd) in micro-batches of this many samples: "
-                                   "the trusted side then holds one micro-batch's activations at a time, which "
-                                   "is what fits an enclave's memory; with autograd on (training) the split model takes the "
-                                   "whole batch it is given",
+    micro_batch: int | None = _opt(None, "micro-batches of this many samples, so the trusted side holds one "
+                                   "micro-batch's activations at a time (what fits an enclave's memory): inference "
+                                   "(no autograd) runs micro-batch by micro-batch; training steps accumulate gradients "
+                                   "over micro-batches (asymml.accumulate, used by train and bench), exactly the "
+                                   "whole batch's; train-mode BatchNorm is refused",
                                    _optional(_parse_int), "B")
     noise_grads: bool = _opt(True, "also noise released gradient residuals when noise is on", _parse_bool,
                              on_cli=False)
