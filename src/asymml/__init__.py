@@ -31,7 +31,8 @@ from .validate import ValidationReport, fix, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "split", "split_with_options", "SplitOptions", "SplitModule", "Executor", "LocalExecutor", "RemoteExecutor", "Ledger", "Release", "validate", "fix",
+    "split", "split_with_options", "SplitOptions", "SplitModule",
+    "Executor", "LocalExecutor", "RemoteExecutor", "Ledger", "Release", "validate", "fix",
     "ValidationReport", "decompose", "parse_rank", "FixedRank", "RankList", "RankSchedule", "AdaptiveRank",
     "AsymmlError", "ConfigError", "InputError", "UnsupportedOperationError", "UntraceableModelError",
     "CheckpointError", "IntegrityError", "PrivacyConfigError", "DatasetNotFoundError", "TrainingDivergedError",
