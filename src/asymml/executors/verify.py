@@ -25,8 +25,9 @@ square sum (its norm, for the tolerance, and its finiteness) is taken on each ch
 cache, so the norm costs no second read from memory; weight gradients are projected the same way
 (:func:`_wproj`). Per-sample programs are checked on the batch collapsed by ``r``; non-separable cases
 (grouped convolutions, pooling) fall back to dense test tensors. Measured on VGG-16 224 px, batch 8, one
-thread (``tests/executors/measure_overhead.py --replay --sample 1.0``): with every job checked, about 9%
-(inference) and 5% (training) of asym trusted time, against 17% and 10% with a separate norm pass. What
+thread (``tests/executors/measure_overhead.py --replay --sample 1.0``): with every job checked, 9-12%
+(inference) and 5-6% (training) of asym trusted time, against 16-17% and 10-11% with a separate norm pass
+(three paired runs on a shared machine). What
 remains is bounded by reading each result and each released input once (about 12-15 GB/s on one core),
 the second read of a weight-gradient check's value and gradient, and one read of a weight per test tensor.
 
@@ -71,7 +72,7 @@ RTOL_GPU = 2e-2
 _A = math.sqrt(3 / 7)  # magnitude scale of test entries: E[s²] = 1
 #: default sampling of the randomized checks (see :class:`Verifier`): every job of a layer in its first
 #: WARMUP jobs, then each job with probability SAMPLE, and never MAX_GAP jobs of a layer in a row unchecked.
-#: With every job checked the trusted-time overhead measured about 9% (inference) and 5% (training) of asym
+#: With every job checked the trusted-time overhead measured 9-12% (inference) and 5-6% (training) of asym
 #: trusted time on VGG-16 224 px (tests/executors/measure_overhead.py --replay); sampling a quarter of the
 #: jobs brings it to about 3-5%.
 SAMPLE = 0.25
