@@ -468,3 +468,33 @@ def test_prefetch_runs_ahead_up_to_its_depth_at_the_right_addresses() -> None:
     assert st["hits"] + st["late"] == 3 and st["discarded"] == 0 and st["misses"] == 0  # a, b, b:grad
     with pytest.raises(ValueError, match="prefetch_depth"):
         ReleaseMechanism(NoiseConfig(sigma=1.0), prefetch_depth=0)
+
+
+def test_prefetch_recovers_when_a_layer_stops_releasing() -> None:
+    # a,b,c learnt; then b is kept trusted (the planner's pilot does this) and only a,c release. The draw
+    # prefetched for b is never asked for: it must not hold the budget forever (every prediction would
+    # then be skipped and all noise drawn on the critical path).
+    import time as _time
+
+    budget = 8 * 2 * 4 * 8 * 8  # room for two releases' buffers
+    mech = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True, prefetch_bytes=budget,
+                            prefetch_depth=1)
+    x = torch.randn(2, 4, 8, 8)
+
+    def release(layer: str) -> None:
+        mech(x.clone(), layer=layer)
+        _time.sleep(0.02)  # the accelerator's share of the step: time for the prefetch thread
+
+    for _ in range(3):
+        for layer in ("a", "b", "c"):
+            release(layer)
+    for _ in range(3):
+        for layer in ("a", "c"):
+            release(layer)
+    mech.reset_noise_stats()
+    for _ in range(4):
+        for layer in ("a", "c"):
+            release(layer)
+    st = mech.noise_stats()
+    assert st["hits"] + st["late"] >= 6, st  # drawn ahead again once the new order is learnt
+    assert st["buffer_bytes"] <= budget

@@ -664,12 +664,25 @@ class ReleaseMechanism:
             if layer in self._pending or not self._prefetch:
                 return
             buf = self._acquire(n, force=False)
+            if buf is None and self._evict_stale(keep=layer):
+                buf = self._acquire(n, force=False)
             if buf is None:
                 self._stats["skipped"] += 1
                 return
             p = _Pending(layer, index, n, draws, rng, rng.key_epoch, buf)
             self._pending[layer] = p
             p.future = pool.submit(self._generate_ahead, p)
+
+    def _evict_stale(self, keep: str) -> bool:
+        """Drop finished draws waiting for a release other than ``keep``'s (e.g. for a layer that stopped
+        releasing when the planner kept it trusted): their buffers would otherwise hold the prefetch budget
+        forever. Caller holds ``_plock``; returns whether anything was dropped."""
+        stale = [k for k, p in self._pending.items() if k != keep and p.future is not None and p.future.done()]
+        for k in stale:
+            p = self._pending.pop(k)
+            self._stats["discarded"] += 1
+            self._free.append(p.buf)
+        return bool(stale)
 
     def _generate_ahead(self, p: _Pending) -> None:
         t0 = time.perf_counter()
