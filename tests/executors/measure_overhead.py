@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python tests/executors/measure_overhead.py [--model resnet20] [--batch 32] [--steps 3]
 
-Prints JSON: ``verify`` = :func:`asymml.executors.verify.time_overhead` (in-process accelerator: verification
+Prints JSON: ``verify`` = :func:`asymml.executors.detection.time_overhead` (in-process accelerator: verification
 seconds per step as a fraction of a forward+backward without it), ``detection`` = measure_detection, and
 ``tls`` = median step time against an ``asymml serve`` subprocess over loopback TCP with mutual TLS vs
 ``--insecure`` (verification on in both).
@@ -221,8 +221,8 @@ def main() -> None:
 
     import asymml
     from asymml.executors import make_executor
+    from asymml.executors.detection import measure_detection, time_overhead
     from asymml.executors.tls import write_test_pki
-    from asymml.executors.verify import measure_detection, time_overhead
     from asymml.models import get_model
 
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ from hostile_util import batch, split_all, tiny
 import asymml
 from asymml.errors import IntegrityError
 from asymml.executors import LocalExecutor
-from asymml.executors.verify import Verifier, _honest, _run_checks, demo_case, measure_detection, time_overhead
+from asymml.executors.detection import _honest, _run_checks, demo_case, measure_detection, time_overhead
+from asymml.executors.verify import Verifier
 
 
 @pytest.fixture(scope="module")
