@@ -169,7 +169,8 @@ def test_nproc_per_node_propagates_a_failure(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0, proc.stderr[-2000:]
-    assert proc.stderr.count("no checkpoint at") == 2, proc.stderr[-2000:]  # each rank says why
+    # the rank that fails first says why; torchrun then stops the other one, which may not get to say it too
+    assert proc.stderr.count("no checkpoint at") >= 1, proc.stderr[-2000:]
 
 
 def test_split_options_are_split_options_own(monkeypatch: pytest.MonkeyPatch,
