@@ -41,8 +41,9 @@ class Accumulated:
 def check_micro_batchable(model: nn.Module) -> None:
     """Raise :class:`ConfigError` if micro-batches would change the step: a train-mode BatchNorm normalises each
     micro-batch with its own statistics (a different gradient, and different running statistics)."""
-    bad = [name or type(model).__name__ for name, m in model.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    from .privacy.sensitivity import coupling_layers
+
+    bad = [name for name, _ in coupling_layers(model)]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ConfigError(

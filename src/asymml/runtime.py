@@ -148,10 +148,15 @@ class SplitModule(nn.Module):
 
     def _micro_batched(self, x: Tensor, mb: int) -> Any:
         """Inference micro-batch by micro-batch (each sample's result does not depend on the others': no
-        autograd, and any train-mode BatchNorm is refused below), outputs concatenated along the batch."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()):
-            raise InputError("micro_batch needs eval-mode BatchNorm: train-mode BatchNorm normalises with the "
-                             "statistics of the whole batch (call model.eval(), or leave micro_batch unset)")
+        autograd, and any layer that mixes the samples of a batch is refused below), outputs concatenated along
+        the batch."""
+        from .privacy.sensitivity import coupling_layers
+
+        coupled = coupling_layers(self.model)
+        if coupled:
+            raise InputError("micro_batch needs eval-mode BatchNorm with running statistics: "
+                             f"{', '.join(n for n, _ in coupled[:3])} normalise with the statistics of the whole batch "
+                             "(call model.eval(), or leave micro_batch unset)")
         outs = [self._forward(c) for c in x.split(mb)]
         leaves0, spec = tree_flatten(outs[0])
         flat = [tree_flatten(o)[0] for o in outs]

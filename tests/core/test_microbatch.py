@@ -66,3 +66,14 @@ def test_train_mode_batchnorm_is_refused_without_autograd(model) -> None:
 def test_invalid_micro_batch(model, bad) -> None:
     with pytest.raises(ConfigError, match="micro_batch"):
         asymml.split(model, micro_batch=bad)
+
+
+def test_batchnorm_without_running_statistics_is_refused(model) -> None:
+    # eval mode, but without running statistics BatchNorm still normalises with the batch's own statistics
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None
+    sm = asymml.split(model, placement="split", micro_batch=2)
+    with torch.no_grad(), pytest.raises(InputError, match="running statistics"):
+        sm(torch.randn(4, 3, 32, 32, dtype=torch.float64))
