@@ -19,6 +19,27 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_regi
 
 EPC_DEFAULT_BYTES = 128 * 2**20  # SGX1 client parts
 
+# storages that hold public model state derived from public weights alone (weight re-layouts cached by the
+# split rules): public like the parameters they are computed from, so they count where parameters count
+_PUBLIC_STATE: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
+
+
+def public_state(t: Tensor) -> Tensor:
+    """Register ``t`` (a re-layout of public weights, nothing private in it) as public model state: the
+    active trusted memory meter stops counting it, and the bench places it where it places the parameters
+    (outside the EPC unless ``--sgx-weights-in-epc``). Returns ``t``."""
+    st = t.untyped_storage()
+    _PUBLIC_STATE[st.data_ptr()] = st
+    meter = TrustedMemoryMeter.active()
+    if meter is not None:
+        meter.mark_public(t)
+    return t
+
+
+def public_state_storages() -> list[torch.UntypedStorage]:
+    """The live storages registered by :func:`public_state`."""
+    return list(_PUBLIC_STATE.values())
+
 
 # ------------------------------------------------------------------------------------- FLOP formulas
 # FlopCounterMode counts matmuls and convolutions; the trusted side also runs QR, eigh and SVD. Standard

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from .rules import Conv2dRule, dense, tadd
 from .splitconfig import SplitConfig
 from .transform import Region
 
+_SELF = object()  # cache marker: the trusted part is the activation itself (nothing released)
 _KEYS = itertools.count()  # shared by every split model: several may use one executor
 
 
@@ -67,7 +69,9 @@ class ForwardPass:
         self.planner = planner
         self.recorder = recorder
         self.grad_on = grad_on
-        self.cache: dict[tuple[int, int], tuple[Tensor, Any, Any, int]] = {}  # (id, version) -> split
+        # (id, version) -> (weak ref to the activation, its trusted part or _SELF, handle, rank): an
+        # activation is split once however many regions read it, and the cache does not keep it alive
+        self.cache: dict[tuple[int, int], tuple[weakref.ref, Any, Any, int]] = {}
         self.points = 0  # decomposition points seen (the rank policy's index)
         self.handles: list[Any] = []  # released this forward (discarded by the executor afterwards)
         self.planned: dict[tuple[int, int], int] = {}  # ranks decided before a region ran
@@ -78,8 +82,8 @@ class ForwardPass:
         with self.recorder.label("decomposed"):
             key = (id(x), x._version)
             hit = self.cache.get(key)
-            if hit is not None and hit[0] is x:
-                return hit[1], hit[2], hit[3]
+            if hit is not None and hit[0]() is x:
+                return (x if hit[1] is _SELF else hit[1]), hit[2], hit[3]
             B, C, H, W = x.shape
             layer = reg.name if v.op != "placeholder" else "input"
             r = self.planned.pop(key, None)
@@ -93,7 +97,7 @@ class ForwardPass:
                     tp, h, ratio = self.release.activation(x, r, layer=layer, inplace=self.overwritable(x, v))
                     self.handles.append(h)
             self.recorder.split_point(reg.name, layer, r, ratio)
-            self.cache[key] = (x, tp, h, r)
+            self.cache[key] = (weakref.ref(x), _SELF if tp is x else tp, h, r)
             return tp, h, r
 
     def plan_rank(self, x: Tensor, reg: Region, v: fx.Node) -> int:
@@ -131,7 +135,7 @@ class ForwardPass:
                 continue
             key = (id(x), x._version)
             hit = self.cache.get(key)
-            if hit is not None and hit[0] is x:
+            if hit is not None and hit[0]() is x:
                 if hit[2] is not None:
                     return False  # already released for another region
                 continue
@@ -144,7 +148,7 @@ class ForwardPass:
             todo.append((key, x, v, r))
         for key, x, v, r in todo:
             del self.planned[key]
-            self.cache[key] = (x, x, None, r)
+            self.cache[key] = (weakref.ref(x), _SELF, None, r)
             layer = reg.name if v.op != "placeholder" else "input"
             self.recorder.split_point(None, layer, r, torch.zeros(x.shape[0]))
         self.recorder.kept_trusted(reg.name)

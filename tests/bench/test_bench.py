@@ -381,3 +381,26 @@ def test_micro_batched_training_step_lowers_the_trusted_peak() -> None:
     with pytest.raises(ConfigError, match="train-mode BatchNorm"):
         run_bench(_tiny(models=["vgg11_bn"], rounds=1, phases=("train",), modes=("trusted-only",), micro_batch=1),
                   log=lambda s: None)
+
+
+def test_delivered_results_are_freed_without_garbage_collection() -> None:
+    """The bench's future wrapper must not form a reference cycle with the executor's future: a delivered
+    accelerator result dies with its last reference (not at the next GC), so it is not counted as live
+    trusted memory for the rest of the step."""
+    import gc
+    import weakref
+
+    from asymml.bench.runner import _BenchExecutor, _TimedFuture
+
+    ex = _BenchExecutor("cpu", serialize=True)
+    gc.disable()
+    try:
+        fut = ex._pool.submit(lambda: {"y": torch.ones(1000)})  # deferred: runs when waited for
+        tf = _TimedFuture(fut, ex)
+        res = tf.result()
+        ref = weakref.ref(res["y"])
+        del res, tf, fut
+        assert ref() is None
+    finally:
+        gc.enable()
+        ex.close()

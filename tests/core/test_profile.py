@@ -81,3 +81,43 @@ def test_counting_stops_when_switched_off_and_times_stay() -> None:
     order = [lp.layer for lp in prof.layers if lp.kind != "accelerator"]
     graph = [str(n.target) if n.op == "call_module" else n.name for n in sm._gm.graph.nodes]
     assert order == sorted(order, key=lambda name: graph.index(name) if name in graph else -1)
+
+
+def test_forward_frees_each_activation_after_its_last_reader() -> None:
+    """The trusted interpreter drops a value once no later unit reads it: the first block's full-size
+    activation is gone while the forward is still running (it used to stay alive until the forward ended,
+    keeping every layer's activations in trusted memory at once), in every mode that walks the plan."""
+    import weakref
+
+    nn = torch.nn
+    x = torch.randn(2, 3, 16, 16)
+    for mode in ("asym", "noise-only"):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+        seen: dict[str, object] = {}
+        # the first pool's input (the first conv's output, only the pool reads it) and whether it is alive
+        # when the second pool runs
+        net[2].register_forward_hook(lambda m, i, o, seen=seen: seen.__setitem__("ref", weakref.ref(i[0])))
+        net[5].register_forward_hook(lambda m, i, o, seen=seen: seen.__setitem__("alive", seen["ref"]() is not None))
+        sm = asymml.split(net, mode=mode, rank=2, placement="split")
+        with torch.no_grad():
+            out = sm(x)
+        assert out.shape == (2, 4)
+        assert seen["alive"] is False, mode
+
+
+def test_weight_relayouts_are_public_model_state() -> None:
+    """Re-layouts of public weights cached by the split rules are public like the weights: the trusted
+    memory meter does not count them, and they are listed for the bench's EPC placement."""
+    from asymml.profiling import public_state_storages
+
+    model = get_model("vgg11", num_classes=10).eval()
+    sm = asymml.split(model, rank=2, placement="split")
+    x = torch.randn(2, 3, 32, 32)
+    meter = TrustedMemoryMeter()
+    with torch.no_grad(), meter:
+        sm(x)
+    public = {st.data_ptr() for st in public_state_storages()}
+    assert public, "the low-rank convolutions cache re-laid-out weights"
+    assert not public & set(meter.live)

@@ -52,7 +52,7 @@ from ..executors.local import LocalExecutor
 from ..microbatch import accumulate
 from ..options import SplitOptions
 from ..privacy.sensitivity import coupling_layers
-from ..profiling import TrustedMemoryMeter
+from ..profiling import TrustedMemoryMeter, public_state_storages
 from ..validate import fix
 from .derived import DEFAULT_SPEED_RATIO, analytic_fwd_conv_limit, conv_geometry
 from .flops import flop_counter, group_aware_registry
@@ -272,6 +272,10 @@ class _TimedFuture(Future):
         inner.add_done_callback(self._copy)
 
     def _copy(self, f: Future) -> None:
+        # the inner future's callback list holds this method (and so this future): forgetting the inner one
+        # breaks the reference cycle, so a delivered result is freed with the last reference to it rather than
+        # at the next garbage collection (which held every layer's result alive and inflated trusted peaks)
+        self._inner = None
         if f.cancelled():
             self.cancel()
             self.set_running_or_notify_cancel()
@@ -290,8 +294,10 @@ class _TimedFuture(Future):
             pool.flush()
         t0 = time.perf_counter()
         try:
+            inner = self._inner
             try:
-                self._inner.result(timeout)
+                if inner is not None:
+                    inner.result(timeout)
             except BaseException:  # re-raised by the caller's own result()/exception()
                 pass
             super().exception(timeout)  # the chained copy is set right after the inner one
@@ -631,15 +637,20 @@ class BenchRunner:
         sm.executor.set_profiling(True)
         meter = AliasAwareMemoryMeter()
         persistent = 0
+        weights_in_epc = self.cfg.sgx_weights_in_epc
         if e.persist is not None:
             gc.collect()
             for st in e.persist.live_storages():
                 meter.add_storage(st)
+            if weights_in_epc:  # weight re-layouts are model state: in the EPC with the parameters
+                for st in public_state_storages():
+                    meter.add_storage(st)
             persistent = meter.current
         cal = self.calibrate()
         skip = set()
-        if not self.cfg.sgx_weights_in_epc:  # parameters and buffers are public: outside the EPC
+        if not weights_in_epc:  # parameters, buffers and their re-layouts are public: outside the EPC
             skip = {t.untyped_storage().data_ptr() for t in itertools.chain(e.model.parameters(), e.model.buffers())}
+            skip.update(st.data_ptr() for st in public_state_storages())
         counter = TrustedOpCounter(cal["conv_gflops"], cal["mem_gbps"], rng_gsamples=cal.get("rng_gsamples"),
                                    skip_storages=skip)
         ex = sm.executor

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from ..profiling import public_state
 from .base import Bound, Low, TPart, WeightedRule, dense
 from .registry import register_split_rule
 
@@ -203,7 +204,7 @@ class Conv2dRule(WeightedRule):
             mat = w.detach().permute(*perm).reshape(-1, w.shape[1]).contiguous()
         if hit is None or hit[1]() is not w:
             weakref.finalize(w, self._okc_cache.pop, key, None)
-        self._okc_cache[key] = (w._version, weakref.ref(w), mat)
+        self._okc_cache[key] = (w._version, weakref.ref(w), public_state(mat))  # public: weights re-laid out
         return mat
 
     def _weight_okc(self, m: nn.Conv2d) -> Tensor:
