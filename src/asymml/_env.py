@@ -10,12 +10,22 @@
   pages ~600. Both the split and the trusted-only baseline run in the same process and benefit alike; an
   SGX enclave, whose memory is committed up front, does not page-fault on fresh allocations at all.
 
-Values the user set are never overridden; ``ASYMML_NO_ENV_TUNING=1`` disables both.
+* glibc ``malloc``: large blocks come from the heap and freed memory is kept for reuse
+  (``mallopt(M_MMAP_MAX, 0)``, ``M_TRIM_THRESHOLD`` 2 GiB), instead of one ``mmap``/``munmap`` per tensor.
+  Every fresh activation otherwise page-faults its memory in again, even with huge pages: writing a fresh
+  100 MB tensor measured 32 ms against 12–14 ms into reused memory (2 cores). The process keeps its
+  high-water mark of memory instead of returning it to the system, which is how an enclave's committed
+  memory behaves anyway. Skipped when ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` is set, and
+  on C libraries other than glibc.
+
+Values the user set are never overridden; ``ASYMML_NO_ENV_TUNING=1`` disables all three.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 TUNED = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
 
@@ -26,4 +36,31 @@ def tune_process_environment() -> dict[str, str]:
         return {}
     for k, v in TUNED.items():
         os.environ.setdefault(k, v)
-    return {k: os.environ[k] for k in TUNED}
+    out = {k: os.environ[k] for k in TUNED}
+    if _tune_malloc():
+        out["malloc"] = "heap, no trim below 2 GiB"
+    return out
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+MALLOC_TUNED = False  #: whether :func:`_tune_malloc` changed the allocator in this process
+
+
+def _tune_malloc() -> bool:
+    """glibc only: keep large blocks on the heap for reuse (see the module docstring)."""
+    global MALLOC_TUNED
+    if MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in ("MALLOC_MMAP_MAX_",
+                                                                            "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        gnu = libc.gnu_get_libc_version  # present in glibc only (musl has mallopt as a no-op stub)
+        gnu.restype = ctypes.c_char_p
+        gnu()
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    MALLOC_TUNED = ok
+    return ok

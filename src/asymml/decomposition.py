@@ -93,6 +93,10 @@ def _basis_exact(X: Tensor, r: int, method: str) -> Tensor:
     return _orth(X @ W)
 
 
+GRAM_MAX = 128
+"""Up to this many channels (or pixels) the power iteration always runs on the Gram matrix."""
+
+
 def _basis_power(X: Tensor, r: int, iters: int, init: Tensor | None, generator: torch.Generator | None) -> Tensor:
     """Subspace iteration for the top-``r`` left singular vectors of each ``C×N`` matrix.
 
@@ -102,8 +106,11 @@ def _basis_power(X: Tensor, r: int, iters: int, init: Tensor | None, generator: 
     """
     C, N = X.shape[-2], X.shape[-1]
     iters = max(1, iters)
-    if 2 * r * iters < min(C, N):
-        # cheaper to iterate on X itself (2·C·N·r per round) than to form the Gram matrix (C·N·min(C, N))
+    if 2 * r * iters < min(C, N) and min(C, N) > GRAM_MAX:
+        # cheaper to iterate on X itself (2·C·N·r per round) than to form the Gram matrix (C·N·min(C, N)).
+        # Up to GRAM_MAX channels the Gram matrix wins anyway: it reads X once in one compute-bound GEMM,
+        # where each round on X is two memory-bound passes of skinny products (measured on 2 cores,
+        # VGG-16 224 px batch 8: 18 -> 6 ms at C = 64, 6.3 -> 4.4 ms at C = 128; 4.3 -> 6.4 ms at C = 256)
         if init is not None and init.shape[-1] == r and init.shape[:-1] == X.shape[:-1]:
             Q = init
         else:

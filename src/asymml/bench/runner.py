@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .. import _env
 from ..api import split_with_options
 from ..errors import ConfigError
 from ..executors.base import Handle
@@ -415,6 +416,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(), "accelerator": device,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc_heap_reuse": _env.MALLOC_TUNED,  # large blocks reused from the heap (asymml._env)
         "loadavg_1min": _loadavg(), "cpu_clock_hz": cpu_clock_hz(),
     }
     if device.startswith("cuda"):
