@@ -262,8 +262,11 @@ class RegionCall:
                 fut = ex.forward(self.key, reg.program, accel_in, params, [o.name for o in want],
                                  layer=reg.name, keep_graph=self.keep_graph, grad_params=self.grad_params)
                 self.accel_live = self.keep_graph
+            outs = self._forward_into_reply(fut, span, inputs, tparts) if fut is not None else None
+            if outs is not None:
+                fut = None
             # trusted share, concurrently with the accelerator
-            for n in reg.nodes:
+            for n in reg.nodes if outs is None else ():
                 args = reg.arg_nodes(n)
                 b = reg.bound[n]
                 with rec.label(_rule_label(b.rule, "trusted_forward")):
@@ -273,11 +276,36 @@ class RegionCall:
                     tp = tparts[args[0]]
                     if isinstance(tp, Tensor):
                         self.saved_versions[n] = tp._version
-            res = span.wait(fut) if fut is not None else {}
-            outs = self._merge(inputs, tparts, res)
+            if outs is None:
+                res = span.wait(fut) if fut is not None else {}
+                outs = self._merge(inputs, tparts, res)
         if accel_in and self.planner.watching(reg.name):
             self.planner.observe(reg.name, span.elapsed)
         return outs
+
+    def _forward_into_reply(self, fut: Any, span: Any, inputs: tuple[Tensor, ...], tparts: dict[fx.Node, Any]
+                            ) -> tuple[Tensor, ...] | None:
+        """Where the accelerator runs on the trusted side's own cores (a CPU :class:`LocalExecutor`),
+        running both shares concurrently gains nothing: for a one-convolution region without a kept graph,
+        wait for the accelerator's ``conv(R)`` and add ``conv(L)`` straight into it (one GEMM with
+        ``beta = 1``: no trusted output tensor, no merge pass). None where this does not apply; a reply
+        already waited for is then merged as usual."""
+        reg = self.reg
+        if (self.keep_graph or not getattr(self.executor, "shares_trusted_cores", False) or len(reg.nodes) != 1
+                or reg.outputs != reg.nodes or not self.has_r[reg.nodes[0]]):
+            return None
+        n = reg.nodes[0]
+        b, args = reg.bound[n], reg.arg_nodes(n)
+        res = span.wait(fut)
+        y = res.get(n.name)
+        in_ptrs = {x.untyped_storage().data_ptr() for x in inputs}
+        owned = (isinstance(y, Tensor) and not y._is_view() and y.untyped_storage().data_ptr() not in in_ptrs
+                 and y.untyped_storage().nbytes() == y.numel() * y.element_size())
+        with self.recorder.label(_rule_label(b.rule, "trusted_forward")):
+            if owned and b.rule.trusted_forward_into(b, [tparts[a] for a in args], [self.shapes[a] for a in args], y):
+                return (y,)
+            tparts[n] = b.rule.trusted_forward(b, [tparts[a] for a in args], [self.shapes[a] for a in args])
+        return self._merge(inputs, tparts, res)
 
     def _merge(self, inputs: tuple[Tensor, ...], tparts: dict[fx.Node, Any], res: dict[str, Tensor]
                ) -> tuple[Tensor, ...]:

@@ -230,3 +230,38 @@ def test_observed_profiled_run_is_bit_identical() -> None:
     assert "forward" in seen and "backward" in seen
     assert any(e.name == "asymml::decompose" for e in prof.events())
     assert watched.profile().total["trusted_flops"] > 0
+
+
+def test_cpu_executor_merges_inside_the_gemm() -> None:
+    """With the accelerator on the trusted side's own CPU cores, inference waits for ``conv(R)`` and adds
+    ``conv(L)`` into it in one GEMM (no separate merge): exact, used for the plain convolutions, and the
+    same result as the concurrent path an off-core accelerator takes."""
+    import asymml.rules.conv_linear as cl
+
+    torch.manual_seed(0)
+    model = get_model("vgg11", num_classes=10).eval().double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+    used: list[bool] = []
+    orig = cl.Conv2dRule.trusted_forward_into
+
+    def spy(self, *a):  # type: ignore[no-untyped-def]
+        used.append(orig(self, *a))
+        return used[-1]
+
+    cl.Conv2dRule.trusted_forward_into = spy
+    try:
+        outs = {}
+        for shares in (True, False):
+            sm = asymml.split(model, rank=2, placement="split")
+            assert sm.executor.shares_trusted_cores  # a CPU LocalExecutor
+            sm.executor.shares_trusted_cores = shares
+            used.clear()
+            with torch.no_grad():
+                outs[shares] = sm(x)
+            assert (sum(used) > 0) == shares
+        for out in outs.values():
+            assert torch.allclose(out, ref, atol=1e-10, rtol=0)
+    finally:
+        cl.Conv2dRule.trusted_forward_into = orig

@@ -156,11 +156,12 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_bit_for_bit(reference: dict[str, Any
         if info["global_step"] == 5:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     summary, losses = _run(tmp_path, interrupt, epochs=2)
     assert summary["status"] == "interrupted" and len(losses) == 5
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     summary, losses = _run(tmp_path, resume=str(tmp_path / "checkpoint.pt"))
     assert losses == reference["losses"][5:]
     assert summary["status"] == "completed" and summary["test_accuracy"] == reference["summary"]["test_accuracy"]

@@ -44,6 +44,9 @@ class Executor(ABC):
 
     ledger: Ledger
     device: torch.device
+    #: the accelerator computes on the trusted side's own CPU cores (an in-process CPU executor): overlapping
+    #: the two shares gains nothing there, so the runtime may wait first and merge inside its GEMM
+    shares_trusted_cores: bool = False
 
     # -- result verification (see asymml.executors.verify)
     #: executors that check their results with a :class:`~asymml.executors.verify.Verifier` set this

@@ -52,6 +52,7 @@ class LocalExecutor(Executor):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"accelerator device {device!r} requested but CUDA is not available")
         self.home = torch.device("cpu")
+        self.shares_trusted_cores = self.device.type == "cpu"
         self.ledger = Ledger(audit)
         # touch torch's thread settings in the worker at start, so that it honours torch.set_num_threads
         # from its first op on (results must not depend on the worker thread's history)

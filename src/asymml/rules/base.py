@@ -114,6 +114,12 @@ class SplitRule:
         xs = [dense(t, s) for t, s in zip(ts, shapes)]
         return self.forward_dense(b, xs)
 
+    def trusted_forward_into(self, b: Bound, ts: list[TPart], shapes: list[tuple[int, ...]], out: Tensor) -> bool:
+        """Add the trusted share straight into ``out`` (the accelerator's share of the same output, owned by
+        the caller) instead of returning it: no trusted output tensor and no separate merge pass. Returns
+        False where the rule has no such path (the caller then merges as usual)."""
+        return False
+
     def has_bias(self, b: Bound) -> bool:
         return False
 

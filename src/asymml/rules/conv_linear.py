@@ -110,7 +110,23 @@ class Conv2dRule(WeightedRule):
         Ug = U.view(B, g, C // g, -1)
         return torch.einsum("gocxy,bgcj->bgojxy", W, Ug).reshape(B * O, -1, *m.kernel_size)
 
-    def _lowrank_unfold(self, m: nn.Conv2d, t: Low, ho: int, wo: int) -> Tensor:
+    def trusted_forward_into(self, b: Bound, ts: list[TPart], shapes: list[tuple[int, ...]], out: Tensor) -> bool:
+        """The per-sample low-rank path accumulated into ``out`` (channels-last, ``B×O×H'×W'``): the GEMM
+        of :meth:`_lowrank_unfold` with ``beta = 1`` adds ``conv(L)`` to the accelerator's ``conv(R)``
+        where it lies."""
+        m, t = b.module, ts[0]
+        if not isinstance(t, Low) or t.f.shared or m.groups != 1 or out.dtype != t.f.U.dtype:
+            return False
+        B, C, H, W = t.shape
+        ho, wo = self._out_hw(m, H, W)
+        if (tuple(out.shape) != (B, m.out_channels, ho, wo) or out._is_view()
+                or not out.is_contiguous(memory_format=torch.channels_last)
+                or not self._fold_cheaper(m, B, t.f.rank, False, H * W, ho * wo)):
+            return False
+        self._lowrank_unfold(m, t, ho, wo, into=out)
+        return True
+
+    def _lowrank_unfold(self, m: nn.Conv2d, t: Low, ho: int, wo: int, into: Tensor | None = None) -> Tensor:
         """``conv(U_b V_b, W) + bias`` per sample as one batched GEMM, channels-last out.
 
         ``unfold(V_b)`` (``L × r·k²``) times the per-sample folded weight (``r·k² × O``): a grouped
@@ -129,6 +145,10 @@ class Conv2dRule(WeightedRule):
         if bias:
             Wf[:, r * kk] = m.bias.detach()
         cols = _im2col(t.Vmaps, k, m.padding, m.stride, m.dilation, ones_row=bias)
+        if into is not None:  # accumulated into the accelerator's share: the merge happens in the GEMM
+            yv = into.permute(0, 2, 3, 1).view(B, ho * wo, O)
+            yv.baddbmm_(cols.transpose(1, 2), Wf)
+            return into
         # written straight into a fresh channels-last tensor (not a view), so the merge can add in place
         y = torch.empty((B, O, ho, wo), dtype=Wf.dtype, memory_format=torch.channels_last)
         torch.bmm(cols.transpose(1, 2), Wf, out=y.permute(0, 2, 3, 1).view(B, ho * wo, O))
