@@ -123,6 +123,11 @@ def conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: A
 
 
 flop_registry[torch.ops.aten.convolution_backward] = shape_wrapper(conv_backward_flop)
+# the in-place GEMMs the runtime uses (the residual written over X, conv(L) accumulated into conv(R)) are
+# separate overloads that torch's counter has no formula for: same arithmetic as the out-of-place ones
+for _inplace, _outplace in ((torch.ops.aten.baddbmm_, torch.ops.aten.baddbmm),
+                            (torch.ops.aten.addmm_, torch.ops.aten.addmm)):
+    flop_registry.setdefault(_inplace, flop_registry[_outplace])
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[Any, int]:

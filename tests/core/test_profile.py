@@ -121,3 +121,14 @@ def test_weight_relayouts_are_public_model_state() -> None:
     public = {st.data_ptr() for st in public_state_storages()}
     assert public, "the low-rank convolutions cache re-laid-out weights"
     assert not public & set(meter.live)
+
+
+def test_inplace_gemms_are_counted() -> None:
+    """``baddbmm_``/``addmm_`` (the residual written over X, conv(L) added into conv(R)) count their FLOPs
+    like the out-of-place GEMMs: trusted FLOPs and the FLOP limit would otherwise be understated."""
+    from asymml.profiling import count_flops
+
+    y, a, b = torch.zeros(3, 4, 5), torch.randn(3, 4, 6), torch.randn(3, 6, 5)
+    assert count_flops(lambda: y.baddbmm_(a, b))[1] == 2 * 3 * 4 * 5 * 6
+    m = torch.zeros(4, 5)
+    assert count_flops(lambda: m.addmm_(a[0], b[0]))[1] == 2 * 4 * 5 * 6
