@@ -277,11 +277,17 @@ class RegionCall:
                     if isinstance(tp, Tensor):
                         self.saved_versions[n] = tp._version
             if outs is None:
-                res = span.wait(fut) if fut is not None else {}
+                res = self._wait(span, fut) if fut is not None else {}
                 outs = self._merge(inputs, tparts, res)
         if accel_in and self.planner.watching(reg.name):
             self.planner.observe(reg.name, span.elapsed)
         return outs
+
+    def _wait(self, span: Any, fut: Any) -> Any:
+        """The accelerator's result; the wait is blocked time, during which the noise mechanism may
+        generate ahead."""
+        with self.release.accelerator_wait():
+            return span.wait(fut)
 
     def _forward_into_reply(self, fut: Any, span: Any, inputs: tuple[Tensor, ...], tparts: dict[fx.Node, Any]
                             ) -> tuple[Tensor, ...] | None:
@@ -296,7 +302,7 @@ class RegionCall:
             return None
         n = reg.nodes[0]
         b, args = reg.bound[n], reg.arg_nodes(n)
-        res = span.wait(fut)
+        res = self._wait(span, fut)
         y = res.get(n.name)
         in_ptrs = {x.untyped_storage().data_ptr() for x in inputs}
         owned = (isinstance(y, Tensor) and not y._is_view() and y.untyped_storage().data_ptr() not in in_ptrs
@@ -383,7 +389,7 @@ class RegionCall:
                     gis = b.rule.input_grad(b, d, [self.shapes[a] for a in args])
                 for a, gi in zip(args, gis):
                     dT[a] = tadd(dT.get(a), gi)
-            res = span.wait(fut) if fut is not None else {"input_grads": {}, "param_grads": {}, "value_grads": {},
+            res = self._wait(span, fut) if fut is not None else {"input_grads": {}, "param_grads": {}, "value_grads": {},
                                                           "values": {}}
             in_grads, pgrads = self._gradients(dT, res)
         self.saved_t.clear()

@@ -10,6 +10,7 @@ mechanism's key stays in memory and a resumed run draws fresh noise).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import secrets
 from typing import Any
@@ -82,6 +83,12 @@ class ReleasePath:
         else:
             r = max(fwd_rank, 1)
         return min(r, C, N)
+
+    def accelerator_wait(self) -> Any:
+        """Context of a wait for the accelerator: the noise mechanism may generate ahead meanwhile (see
+        :meth:`~asymml.privacy.noise.ReleaseMechanism.trusted_idle`)."""
+        idle = getattr(self.mechanism, "trusted_idle", None)
+        return idle() if idle is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the path
     def _split_release(self, X3: Tensor, r: int, shape: torch.Size, *, layer: str, kind: str, noised: bool,

@@ -498,3 +498,47 @@ def test_prefetch_recovers_when_a_layer_stops_releasing() -> None:
     st = mech.noise_stats()
     assert st["hits"] + st["late"] >= 6, st  # drawn ahead again once the new order is learnt
     assert st["buffer_bytes"] <= budget
+
+
+def test_background_draws_wait_for_the_trusted_side_to_be_idle() -> None:
+    """Once a runtime reports its accelerator waits (``trusted_idle``), draws generated ahead run only
+    inside those windows, so they never compete with trusted computation; a release that needs a paused
+    draw still gets it (the wait opens the gate), the numbers are those of an inline draw, and closing the
+    mechanism with a draw paused does not hang."""
+    import time
+
+    cfg = NoiseConfig(sigma=1.0, clip=1.0, insecure_seed=4)
+    gated = ReleaseMechanism(cfg, prefetch=True)
+    inline = ReleaseMechanism(cfg, prefetch=False)
+    r = torch.randn(2, 200_000)
+    with gated.trusted_idle():  # a runtime said "waiting" once: from now on draws are gated
+        pass
+    outs = [gated(r.clone(), layer="a") for _ in range(2)]  # learns "a follows a"; schedules release 3
+    time.sleep(0.3)  # the gate is closed: the draw of release 3 must not have finished
+    assert gated._pending["a"].future.done() is False
+    with gated.trusted_idle():  # the trusted side waits for the accelerator: the draw goes on
+        gated._pending["a"].future.result(timeout=30)
+    outs.append(gated(r.clone(), layer="a"))  # ready: a hit
+    time.sleep(0.1)
+    outs.append(gated(r.clone(), layer="a"))  # the gate was closed meanwhile: taken by waiting for it
+    st = gated.noise_stats()
+    assert st["hits"] >= 1 and st["late"] + st["hits"] == 2 and st["misses"] == 2  # (the first two: inline)
+    ref = [inline(r.clone(), layer="a") for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+    gated(r.clone(), layer="a")  # leaves a paused draw behind
+    gated.close()  # must not hang on it
+
+
+def test_interpreter_exits_with_a_background_draw_paused() -> None:
+    """A process that ends while a gated draw waits for the trusted side to be idle still exits."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from asymml.privacy.noise import NoiseConfig, ReleaseMechanism\n"
+            "m = ReleaseMechanism(NoiseConfig(sigma=1.0, clip=1.0), prefetch=True)\n"
+            "with m.trusted_idle():\n    pass\n"
+            "r = torch.randn(2, 300000)\n"
+            "m(r.clone(), layer='a'); m(r.clone(), layer='a')\n"
+            "assert not m._pending['a'].future.done()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

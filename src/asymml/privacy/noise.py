@@ -49,12 +49,14 @@ not privatised, so an epsilon reported for such a run is a heuristic figure, not
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Real
@@ -386,6 +388,12 @@ class ReleaseMechanism:
         self._size: dict[str, tuple[int, int]] = {}  # layer -> (numel, draws) of its latest release
         self._last: str | None = None
         self._stats = _new_stats()
+        # background draws run only while the trusted side is idle, once a runtime reports its waits (see
+        # trusted_idle); before that (a caller that never does) they run freely
+        self._idle = threading.Event()
+        self._idle_depth = 0
+        self._gated = False
+        _GATES.add(self._idle)
 
     # ----------------------------------------------------------------- generator and state
     @property
@@ -573,6 +581,36 @@ class ReleaseMechanism:
             self._stats = _new_stats()
             self._stats["peak_buffer_bytes"] = self._held_bytes
 
+    @contextlib.contextmanager
+    def trusted_idle(self) -> Iterator[None]:
+        """The trusted side waits (for the accelerator) inside this block. Once a runtime has reported a
+        wait, background draws run only inside such windows (and while the caller waits for a draw it
+        needs): generating ahead then uses CPU time the trusted side is not using, instead of competing with
+        its computation."""
+        self._open(gated=True)
+        try:
+            yield
+        finally:
+            self._close_gate()
+
+    def _open(self, gated: bool = False) -> None:
+        with self._plock:
+            self._gated = self._gated or gated
+            self._idle_depth += 1
+            self._idle.set()
+
+    def _close_gate(self) -> None:
+        with self._plock:
+            self._idle_depth -= 1
+            if self._idle_depth <= 0:
+                self._idle_depth = 0
+                self._idle.clear()
+
+    def _gate(self) -> None:
+        """Called by a background draw before each chunk: pause while the trusted side computes."""
+        if self._gated:
+            self._idle.wait()
+
     def set_prefetch(self, enabled: bool) -> None:
         """Turn prefetching on or off (off: draws still pending are dropped, their buffers kept for reuse)."""
         self._prefetch = bool(enabled)
@@ -587,7 +625,11 @@ class ReleaseMechanism:
             self._held_bytes -= sum(b.numel() * 8 for b in self._free)
             self._free.clear()
         if pool is not None:
-            pool.shutdown(wait=True)
+            self._open()  # (nothing may stay paused at the gate)
+            try:
+                pool.shutdown(wait=True)
+            finally:
+                self._close_gate()
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._plock:
@@ -628,7 +670,11 @@ class ReleaseMechanism:
         if p is not None:
             ready = p.future.done()
             t0 = time.perf_counter()
-            p.future.result()  # (re-raises a failure of the worker)
+            self._open()  # the caller waits for this draw: a paused background draw may go on
+            try:
+                p.future.result()  # (re-raises a failure of the worker)
+            finally:
+                self._close_gate()
             waited = time.perf_counter() - t0
             if p.index == index and p.n == n and p.draws == draws and p.rng is rng and p.epoch == rng.key_epoch:
                 with self._plock:
@@ -686,7 +732,8 @@ class ReleaseMechanism:
 
     def _generate_ahead(self, p: _Pending) -> None:
         t0 = time.perf_counter()
-        p.rng.standard_normal((p.n,), label=p.layer, index=p.index, draws=p.draws, out=p.buf[: p.n])
+        p.rng.standard_normal((p.n,), label=p.layer, index=p.index, draws=p.draws, out=p.buf[: p.n],
+                              gate=self._gate)
         dt = time.perf_counter() - t0
         with self._plock:
             self._stats["background_s"] += dt
@@ -699,11 +746,16 @@ class ReleaseMechanism:
         """Drop every pending draw (waiting for those in flight) and keep their buffers for reuse."""
         with self._plock:
             pending, self._pending = list(self._pending.values()), {}
+        self._open()  # draws paused at the gate must finish before their buffers are reused
+        try:
+            for p in pending:
+                try:
+                    p.future.result()
+                except Exception:  # noqa: BLE001 -- a dropped draw's failure does not matter
+                    pass
+        finally:
+            self._close_gate()
         for p in pending:
-            try:
-                p.future.result()
-            except Exception:  # noqa: BLE001 -- a dropped draw's failure does not matter
-                pass
             with self._plock:
                 self._stats["discarded"] += 1
             self._give_back(p.buf)
@@ -743,6 +795,19 @@ class ReleaseMechanism:
         noise = f"sigma={self._sigma}" if self._sigma is not None else f"nsr={c.nsr}"
         insecure = "" if self.secure else ", INSECURE noise"
         return f"ReleaseMechanism({noise}, clip={c.clip!r}{insecure})"
+
+
+_GATES: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # every mechanism's idle gate
+
+
+def _open_all_gates() -> None:
+    """At interpreter exit: let paused background draws finish, so that the pool threads can be joined."""
+    for gate in list(_GATES):
+        gate.set()
+
+
+# (threading's exit hooks run in reverse order of registration: this one before the pools join their threads)
+threading._register_atexit(_open_all_gates)  # type: ignore[attr-defined]
 
 
 def _default_rng(seed: int | None) -> SecureGenerator:

@@ -76,7 +76,7 @@ import math
 import secrets
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -221,6 +221,7 @@ class SecureGenerator:
         out: Tensor | None = None,
         threads: int = 1,
         executor: Executor | None = None,
+        gate: Callable[[], Any] | None = None,
     ) -> Tensor:
         """N(0, 1) samples of ``shape`` in float64: ``sum of draws Box–Muller Gaussians / sqrt(draws)``.
 
@@ -229,7 +230,9 @@ class SecureGenerator:
         (same address, same key, same numbers -- whatever ``threads`` is).  ``out``: a contiguous float64
         tensor with ``prod(shape)`` elements to fill (a reused buffer: no allocation).  ``threads > 1`` with an
         ``executor``: the draw is cut in ``threads`` contiguous ranges, one computed here, the others on the
-        executor's threads (the cipher and torch's kernels release the GIL)."""
+        executor's threads (the cipher and torch's kernels release the GIL).  ``gate``: called before each
+        cache-sized chunk of a single-threaded draw (it may block: a background draw pauses there while the
+        trusted side computes; the numbers do not depend on it)."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1 (got {draws})")
         n = math.prod(shape)
@@ -251,7 +254,7 @@ class SecureGenerator:
             bounds = [chunks * i // parts for i in range(parts + 1)]
             futures = [executor.submit(_fill_chunks, flat, key, nonce, draws, bounds[i], bounds[i + 1])
                        for i in range(1, parts)] if executor is not None else []
-            _fill_chunks(flat, key, nonce, draws, bounds[0], bounds[1])
+            _fill_chunks(flat, key, nonce, draws, bounds[0], bounds[1], gate if parts == 1 else None)
             for f in futures:
                 f.result()
         return out.view(tuple(shape))
@@ -317,7 +320,8 @@ def _chunk_pairs(draws: int) -> int:
     return max(4, (_CHUNK_ELEMS // draws) // 4 * 4)
 
 
-def _fill_chunks(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int) -> None:
+def _fill_chunks(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int,
+                 gate: Callable[[], Any] | None = None) -> None:
     """Fill chunks ``[c0, c1)`` of the addressed draw ``(key, nonce)`` into ``flat`` (float64, 1-D).
 
     Chunk ``c`` covers output elements ``[2 c P, 2 c P + 2 P)`` (``P = _chunk_pairs(draws)``) and reads the
@@ -325,10 +329,11 @@ def _fill_chunks(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1
     if c0 >= c1:
         return
     with single_threaded():
-        _fill(flat, key, nonce, draws, c0, c1)
+        _fill(flat, key, nonce, draws, c0, c1, gate)
 
 
-def _fill(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int) -> None:
+def _fill(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int,
+          gate: Callable[[], Any] | None = None) -> None:
     ws = _WS
     n = flat.numel()
     pairs = _chunk_pairs(draws)
@@ -336,6 +341,8 @@ def _fill(flat: Tensor, key: bytes, nonce: bytes, draws: int, c0: int, c1: int) 
     enc = Cipher(algorithms.ChaCha20(key, counter.to_bytes(4, "little") + nonce), mode=None).encryptor()
     inv = 1.0 / math.sqrt(draws)
     for c in range(c0, c1):
+        if gate is not None:
+            gate()
         lo = 2 * pairs * c
         m = min(n, lo + 2 * pairs) - lo
         pc = (m + 1) // 2
