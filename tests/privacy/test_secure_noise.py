@@ -523,6 +523,7 @@ def test_background_draws_wait_for_the_trusted_side_to_be_idle() -> None:
     outs.append(gated(r.clone(), layer="a"))  # the gate was closed meanwhile: taken by waiting for it
     st = gated.noise_stats()
     assert st["hits"] >= 1 and st["late"] + st["hits"] == 2 and st["misses"] == 2  # (the first two: inline)
+    assert st["paused_s"] >= 0.25  # the draw waited at the closed gate (not counted as generation time)
     ref = [inline(r.clone(), layer="a") for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(outs, ref))
     gated(r.clone(), layer="a")  # leaves a paused draw behind

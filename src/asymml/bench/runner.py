@@ -840,7 +840,8 @@ class BenchRunner:
             if nz:
                 self.log(f"[bench]   {'':<22} noise: {1e3 * nz['critical_s']:.1f} ms on the critical path "
                          f"({1e3 * nz['wait_s']:.1f} waiting), {1e3 * nz['combine_s']:.1f} ms adding, "
-                         f"{1e3 * nz['background_s']:.1f} ms generated ahead; {nz['hits']} ready, {nz['late']} late, "
+                         f"{1e3 * nz['background_s']:.1f} ms generated ahead while the trusted side waited; "
+                         f"{nz['hits']} ready, {nz['late']} late, "
                          f"{nz['misses']} inline")
             for w in r["step_checks"]["warnings"]:
                 self.log(f"[bench]   WARNING {e.label}: {w}")

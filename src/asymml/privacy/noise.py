@@ -561,7 +561,8 @@ class ReleaseMechanism:
 
         ``critical_s``: seconds the caller spent obtaining noise (inline generation + waiting for a draw still
         in flight); ``wait_s``: the waiting part; ``combine_s``: adding noise to releases (always on the
-        caller); ``background_s``: seconds the prefetch thread spent generating; ``hits`` (ready when asked),
+        caller); ``background_s``: seconds the prefetch thread spent generating; ``paused_s``: seconds its draws
+        waited for the trusted side to be idle (see :meth:`trusted_idle`); ``hits`` (ready when asked),
         ``late`` (prefetched, still in flight when asked: the caller waited), ``misses`` (generated inline),
         ``discarded`` (prefetched for a release that did not come), ``skipped`` (a prediction that did not fit
         ``prefetch_bytes``); ``samples``/``inline_samples``/``prefetched_samples``: Gaussian elements
@@ -607,9 +608,12 @@ class ReleaseMechanism:
                 self._idle.clear()
 
     def _gate(self) -> None:
-        """Called by a background draw before each chunk: pause while the trusted side computes."""
-        if self._gated:
+        """Called by a background draw before each chunk: pause while the trusted side computes (the pause
+        is not generation time: it is kept apart in the ``paused_s`` statistic)."""
+        if self._gated and not self._idle.is_set():
+            t0 = time.perf_counter()
             self._idle.wait()
+            _PAUSED.s += time.perf_counter() - t0
 
     def set_prefetch(self, enabled: bool) -> None:
         """Turn prefetching on or off (off: draws still pending are dropped, their buffers kept for reuse)."""
@@ -732,11 +736,14 @@ class ReleaseMechanism:
 
     def _generate_ahead(self, p: _Pending) -> None:
         t0 = time.perf_counter()
+        _PAUSED.s = 0.0
         p.rng.standard_normal((p.n,), label=p.layer, index=p.index, draws=p.draws, out=p.buf[: p.n],
                               gate=self._gate)
-        dt = time.perf_counter() - t0
+        paused = _PAUSED.s
+        dt = time.perf_counter() - t0 - paused
         with self._plock:
             self._stats["background_s"] += dt
+            self._stats["paused_s"] += paused
             self._stats["prefetched_samples"] += p.n
             chain = self._prefetch and len(self._pending) < self._depth and self._pending.get(p.layer) is p
         if chain:  # still ahead of the caller: go on with the release after this one
@@ -798,6 +805,7 @@ class ReleaseMechanism:
 
 
 _GATES: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # every mechanism's idle gate
+_PAUSED = threading.local()  # seconds the current background draw waited at the gate
 
 
 def _open_all_gates() -> None:
@@ -826,8 +834,8 @@ def _warn_torch_generator() -> None:
 
 
 def _new_stats() -> dict[str, Any]:
-    return {"critical_s": 0.0, "wait_s": 0.0, "combine_s": 0.0, "background_s": 0.0, "hits": 0, "late": 0,
-            "misses": 0, "discarded": 0, "skipped": 0, "inline_samples": 0, "prefetched_samples": 0,
+    return {"critical_s": 0.0, "wait_s": 0.0, "combine_s": 0.0, "background_s": 0.0, "paused_s": 0.0, "hits": 0,
+            "late": 0, "misses": 0, "discarded": 0, "skipped": 0, "inline_samples": 0, "prefetched_samples": 0,
             "peak_buffer_bytes": 0, "releases": 0, "elements": 0}
 
 
