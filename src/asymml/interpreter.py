@@ -30,7 +30,6 @@ class TrustedInterpreter(fx.Interpreter):
         self.recorder = recorder
         self._fused: dict[fx.Node, fx.Node] = {}  # max-pool node -> activation node run after it
         self._deferred: set[fx.Node] = set()  # the activations run after their pool
-        self._frees: dict[int, tuple[Plan, list[list[fx.Node]]]] = {}  # id(plan) -> values dead after each unit
 
     def run_plan(self, plan: Plan, x: Tensor, run_region: Callable[[Region, dict[fx.Node, Any]], bool]) -> Any:
         """The graph's output for input ``x``, units in ``plan`` order."""
@@ -39,9 +38,8 @@ class TrustedInterpreter(fx.Interpreter):
         self.env = env = {}
         self.args_iter = iter((x,))
         out_node = None
-        frees = self._dead_after(plan)
         try:
-            for unit, dead in zip(plan.units, frees):
+            for unit, dead in zip(plan.units, plan.dead_after):
                 if isinstance(unit, Region):
                     if not run_region(unit, env):
                         for n in unit.nodes:
@@ -56,27 +54,6 @@ class TrustedInterpreter(fx.Interpreter):
         finally:
             self.env = {}
             self.args_iter = iter(())
-
-    def _dead_after(self, plan: Plan) -> list[list[fx.Node]]:
-        """For each unit of ``plan``, the values no later unit reads (freed right after it): an activation
-        the forward no longer needs is not kept alive in trusted memory until the forward ends."""
-        hit = self._frees.get(id(plan))
-        if hit is not None and hit[0] is plan:
-            return hit[1]
-        unit_of: dict[fx.Node, int] = {}
-        for i, unit in enumerate(plan.units):
-            for n in unit.nodes if isinstance(unit, Region) else (unit,):
-                unit_of[n] = i
-        last: dict[fx.Node, int] = {}
-        for n, i in unit_of.items():
-            for a in n.all_input_nodes:
-                last[a] = max(last.get(a, -1), i)
-        frees: list[list[fx.Node]] = [[] for _ in plan.units]
-        for n, i in last.items():
-            if n.op != "output" and i > unit_of.get(n, -1):
-                frees[i].append(n)
-        self._frees[id(plan)] = (plan, frees)
-        return frees
 
     def run_node(self, n: fx.Node) -> Any:
         """One node; non-linear ops and layers run trusted are timed as that layer's trusted forward."""

@@ -263,20 +263,19 @@ class RegionCall:
                                  layer=reg.name, keep_graph=self.keep_graph, grad_params=self.grad_params)
                 self.accel_live = self.keep_graph
             outs = self._forward_into_reply(fut, span, inputs, tparts) if fut is not None else None
-            if outs is not None:
-                fut = None
-            # trusted share, concurrently with the accelerator
-            for n in reg.nodes if outs is None else ():
-                args = reg.arg_nodes(n)
-                b = reg.bound[n]
-                with rec.label(_rule_label(b.rule, "trusted_forward")):
-                    tparts[n] = b.rule.trusted_forward(b, [tparts[a] for a in args], [self.shapes[a] for a in args])
-                if self.keep_graph and b.rule.params(b):
-                    self.saved_t[n] = tparts[args[0]]
-                    tp = tparts[args[0]]
-                    if isinstance(tp, Tensor):
-                        self.saved_versions[n] = tp._version
             if outs is None:
+                # trusted share, concurrently with the accelerator
+                for n in reg.nodes:
+                    args = reg.arg_nodes(n)
+                    b = reg.bound[n]
+                    with rec.label(_rule_label(b.rule, "trusted_forward")):
+                        tparts[n] = b.rule.trusted_forward(b, [tparts[a] for a in args],
+                                                           [self.shapes[a] for a in args])
+                    if self.keep_graph and b.rule.params(b):
+                        self.saved_t[n] = tparts[args[0]]
+                        tp = tparts[args[0]]
+                        if isinstance(tp, Tensor):
+                            self.saved_versions[n] = tp._version
                 res = self._wait(span, fut) if fut is not None else {}
                 outs = self._merge(inputs, tparts, res)
         if accel_in and self.planner.watching(reg.name):

@@ -8,6 +8,7 @@ topological order, refusing any merge that would create a cycle through trusted 
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,24 @@ class Plan:
     regions: list[Region]
     placements: list[Placement]
     fused: dict[fx.Node, fx.Node]  # maxpool node -> activation node executed after it
+
+    @functools.cached_property
+    def dead_after(self) -> list[list[fx.Node]]:
+        """For each unit, the values no later unit reads: the interpreter frees them right after it, so an
+        activation the forward no longer needs is not kept alive in trusted memory until the forward ends."""
+        unit_of: dict[fx.Node, int] = {}
+        for i, unit in enumerate(self.units):
+            for n in unit.nodes if isinstance(unit, Region) else (unit,):
+                unit_of[n] = i
+        last: dict[fx.Node, int] = {}
+        for n, i in unit_of.items():
+            for a in n.all_input_nodes:
+                last[a] = max(last.get(a, -1), i)
+        frees: list[list[fx.Node]] = [[] for _ in self.units]
+        for n, i in last.items():
+            if n.op != "output" and i > unit_of.get(n, -1):
+                frees[i].append(n)
+        return frees
 
 
 FUSABLE_ACTS = (nn.ReLU, nn.ReLU6)

@@ -588,24 +588,25 @@ class ReleaseMechanism:
         wait, background draws run only inside such windows (and while the caller waits for a draw it
         needs): generating ahead then uses CPU time the trusted side is not using, instead of competing with
         its computation."""
-        self._open(gated=True)
-        try:
+        with self._gate_open(gated=True):
             yield
-        finally:
-            self._close_gate()
 
-    def _open(self, gated: bool = False) -> None:
+    @contextlib.contextmanager
+    def _gate_open(self, gated: bool = False) -> Iterator[None]:
+        """Background draws may run inside this block (nested blocks keep the gate open until the last one
+        ends); ``gated``: the caller is a runtime reporting its waits, so draws are gated from now on."""
         with self._plock:
             self._gated = self._gated or gated
             self._idle_depth += 1
             self._idle.set()
-
-    def _close_gate(self) -> None:
-        with self._plock:
-            self._idle_depth -= 1
-            if self._idle_depth <= 0:
-                self._idle_depth = 0
-                self._idle.clear()
+        try:
+            yield
+        finally:
+            with self._plock:
+                self._idle_depth -= 1
+                if self._idle_depth <= 0:
+                    self._idle_depth = 0
+                    self._idle.clear()
 
     def _gate(self) -> None:
         """Called by a background draw before each chunk: pause while the trusted side computes (the pause
@@ -629,11 +630,8 @@ class ReleaseMechanism:
             self._held_bytes -= sum(b.numel() * 8 for b in self._free)
             self._free.clear()
         if pool is not None:
-            self._open()  # (nothing may stay paused at the gate)
-            try:
+            with self._gate_open():  # (nothing may stay paused at the gate)
                 pool.shutdown(wait=True)
-            finally:
-                self._close_gate()
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._plock:
@@ -674,11 +672,8 @@ class ReleaseMechanism:
         if p is not None:
             ready = p.future.done()
             t0 = time.perf_counter()
-            self._open()  # the caller waits for this draw: a paused background draw may go on
-            try:
+            with self._gate_open():  # the caller waits for this draw: a paused background draw may go on
                 p.future.result()  # (re-raises a failure of the worker)
-            finally:
-                self._close_gate()
             waited = time.perf_counter() - t0
             if p.index == index and p.n == n and p.draws == draws and p.rng is rng and p.epoch == rng.key_epoch:
                 with self._plock:
@@ -753,16 +748,12 @@ class ReleaseMechanism:
         """Drop every pending draw (waiting for those in flight) and keep their buffers for reuse."""
         with self._plock:
             pending, self._pending = list(self._pending.values()), {}
-        self._open()  # draws paused at the gate must finish before their buffers are reused
-        try:
-            for p in pending:
+        for p in pending:
+            with self._gate_open():  # a draw paused at the gate must finish before its buffer is reused
                 try:
                     p.future.result()
                 except Exception:  # noqa: BLE001 -- a dropped draw's failure does not matter
                     pass
-        finally:
-            self._close_gate()
-        for p in pending:
             with self._plock:
                 self._stats["discarded"] += 1
             self._give_back(p.buf)
