@@ -258,3 +258,27 @@ class Planner:
             if k in self._measured:
                 out[k[0]]["measured_dense_s"], out[k[0]]["measured_split_s"] = self._measured[k]
         return out
+
+
+class FollowingPlanner(Planner):
+    """Makes the decisions of another planner (``leader``) without piloting its own: an instance that must
+    split exactly the layers another instance splits (the bench's verify variant, whose overhead is then
+    the checks' alone). A decision the leader has not made yet is predicted here and not put on trial;
+    the leader's pilot is fed only by the leader's own forwards (sharing the object would let a second
+    instance's first, cold forward count as a trial of the leader's split)."""
+
+    def __init__(self, leader: Planner) -> None:
+        super().__init__(leader.policy, leader.margin)
+        self.leader = leader
+
+    def split_pays(self, key: str, s: ConvShape, r: int, *, training: bool, shared: bool,
+                   dense_timer: Callable[[], float] | None = None) -> bool:
+        k = (key, s, r, training, shared, torch.get_num_threads())
+        hit = self.leader._decisions.get(k)
+        if hit is not None:
+            return hit[0]
+        return super().split_pays(key, s, r, training=training, shared=shared, dense_timer=None)
+
+    def watching(self, region: str) -> bool:
+        return False
+

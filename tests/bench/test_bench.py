@@ -351,6 +351,26 @@ def test_memory_meter_ignores_views_of_weights() -> None:
     assert meter.peak <= 2 * x.numel() * 4 + 4096  # the input and the output, not the weight
 
 
+def test_verify_variant_runs_the_asym_instances_placement() -> None:
+    """The verify variant's overhead must be the checks' alone: it shares the planner (placement decisions
+    and pilot) of the asym instance it is compared with, not one of its own that may split other layers."""
+    from asymml.bench.runner import BenchRunner
+    from asymml.planner import FollowingPlanner
+
+    runner = BenchRunner(_tiny(verify=True, placement="auto", backwards=("protected", "paper")), log=lambda s: None)
+    model, *_ = build_model("vgg11", 8, num_classes=10, width=0.125, in_channels=3)
+    entries = runner._entries(model)
+    try:
+        base = next(e for e in entries if e.mode == "asym" and e.backward == "protected" and e.variant is None)
+        other = next(e for e in entries if e.mode == "asym" and e.backward == "paper")
+        v = next(e for e in entries if e.variant == "verify")
+        assert isinstance(v.sm.planner, FollowingPlanner) and v.sm.planner.leader is base.sm.planner
+        assert other.sm.planner is not base.sm.planner and not isinstance(other.sm.planner, FollowingPlanner)
+    finally:
+        for e in entries:
+            e.sm.executor.close()
+
+
 def test_verify_variant_reports_overhead_and_detection() -> None:
     res = run_bench(_tiny(verify=True, verify_sample=0.5, phases=("infer",), modes=("trusted-only", "asym")),
                     log=lambda s: None)

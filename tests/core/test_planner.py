@@ -11,7 +11,7 @@ import torchvision
 import asymml
 from asymml import planner
 from asymml.models import get_model
-from asymml.planner import ConvShape, MachineRates, Planner, dense_cost, split_cost
+from asymml.planner import ConvShape, FollowingPlanner, MachineRates, Planner, dense_cost, split_cost
 
 # a CPU like this one: dense conv 100 GFLOP/s, GEMM 80 GFLOP/s, 10 GB/s passes, 2 µs per small op
 RATES = MachineRates(conv_flops=100e9, gemm_flops=80e9, bandwidth=10e9, threads=1, op_overhead=2e-6, pilot=False)
@@ -111,3 +111,25 @@ def test_pilot_keeps_a_layer_trusted_when_the_split_measures_slower() -> None:
             assert d["measured_dense_s"] == 1e-3 and d["measured_split_s"] == split_s
         finally:
             planner._RATES.clear()
+
+
+def test_following_planner_makes_its_leaders_decisions_without_a_pilot() -> None:
+    """A follower (the bench's verify variant) splits what its leader splits, including decisions the
+    leader's pilot reversed, and never feeds the leader's pilot with its own forwards."""
+    fast = MachineRates(conv_flops=1e6, gemm_flops=1e15, bandwidth=1e15, threads=1, op_overhead=0.0, pilot=True)
+    s = ConvShape(B=2, C=16, O=16, groups=1, kk=9, hw_in=64, hw_out=64)
+    lead = Planner()
+    follow = FollowingPlanner(lead)
+    planner._RATES[torch.get_num_threads()] = fast
+    try:
+        assert lead.split_pays("conv:x", s, 4, training=False, shared=False, dense_timer=lambda: 1e-3)
+        assert follow.split_pays("conv:x", s, 4, training=False, shared=False, dense_timer=lambda: 1e-3)
+        assert lead.watching("conv") and not follow.watching("conv")
+        for _ in range(Planner.PILOT_FORWARDS):
+            lead.observe("conv", 2e-3)  # the split measured slower: the leader keeps the layer trusted
+        assert not follow.split_pays("conv:x", s, 4, training=False, shared=False)
+        # a layer the leader has not seen: predicted by the follower, not put on trial anywhere
+        assert follow.split_pays("conv2:x", s, 4, training=False, shared=False, dense_timer=lambda: 1e-3)
+        assert not lead.watching("conv2") and not follow.watching("conv2") and "conv2:x" not in lead.decisions()
+    finally:
+        planner._RATES.clear()

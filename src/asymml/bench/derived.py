@@ -105,7 +105,9 @@ DEFINITIONS: dict[str, str] = {
     "variant": (
         "asym instances beside the default one: 'verify' (the runtime checks accelerator results; --verify) and "
         "'noise' (Gaussian noise of sigma --noise on every release, clipped at --clip); each is compared with "
-        "trusted-only like asym."),
+        "trusted-only like asym. The verify instance shares the asym instance's planner (the same layers split), "
+        "so its overhead is the checks' alone; the noise instance plans for itself (noise changes what a split "
+        "costs)."),
     "trusted_overhead_vs_asym": (
         "variants only: median over rounds of the per-round ratio trusted_s(variant) / trusted_s(asym, same "
         "backward) minus 1: the trusted time verification or noise adds."),

@@ -52,6 +52,7 @@ from ..executors.base import Handle
 from ..executors.local import LocalExecutor
 from ..microbatch import accumulate
 from ..options import SplitOptions
+from ..planner import FollowingPlanner
 from ..privacy.sensitivity import coupling_layers
 from ..profiling import TrustedMemoryMeter, public_state_storages
 from ..validate import fix
@@ -519,6 +520,10 @@ class BenchRunner:
             if cfg.verify:
                 e = self._entry(model, "asym", b0, variant="verify")
                 if e is not None:
+                    # the same placement as the asym instance it is compared with (its planner's decisions,
+                    # piloted on that instance alone): the overhead is the checks', not a different plan's
+                    base = next(a for a in out if a.mode == "asym" and a.backward == b0 and a.variant is None)
+                    e.sm.planner = FollowingPlanner(base.sm.planner)
                     out.append(e)
             if cfg.noise is not None:
                 out.append(self._entry(model, "asym", b0, variant="noise"))
