@@ -504,6 +504,20 @@ def _norm2_exact(t: Tensor) -> float:
     return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as set)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class _Forward:
     program: list[Instr]
@@ -562,6 +576,7 @@ class _CheckState:
     coll: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)  # batch-collapsed
     pend: dict[int, tuple[Tensor, str]] = field(default_factory=dict)  # norm/finiteness still to settle
     fused: dict[int, float] = field(default_factory=dict)  # ‖t‖² taken in a projection pass
+    threads: int | None = None  # the caller's torch threads (for the standalone norm passes)
 
 
 class Verifier:
@@ -778,7 +793,11 @@ class Verifier:
         st = self._state()
         for i, (t, where) in list(st.pend.items()):
             n2 = st.fused.pop(i, None)
-            n2 = _norm2(t) if n2 is None else (n2 if math.isfinite(n2) else _norm2_exact(t))
+            if n2 is None:
+                with _threads(st.threads):  # one long streaming pass: every core's bandwidth (3x faster)
+                    n2 = _norm2(t)
+            elif not math.isfinite(n2):
+                n2 = _norm2_exact(t)
             del st.pend[i]
             if math.isnan(n2):
                 raise self._fail(layer, f"{where} contains NaN or Inf")
@@ -799,10 +818,12 @@ class Verifier:
     @contextmanager
     def _timed(self) -> Iterator[None]:
         """Every check: count it, add its time, and drop the per-check caches (norms, collapsed tensors).
-        The check runs with ``threads`` torch threads in this thread (its passes are memory-bound, and its
-        many small kernels would each wait for the other threads of a parallel region)."""
+        The check runs with ``threads`` torch threads in this thread (its many small kernels would each wait
+        for the other threads of a parallel region), except the standalone norm passes of :meth:`_settle`
+        (finiteness of every reply), long streaming reads that run about 3x faster on two threads than on one."""
         t0 = time.perf_counter()
         n = torch.get_num_threads()
+        self._state().threads = n
         if self.threads is not None and self.threads != n:
             torch.set_num_threads(self.threads)
         try:
