@@ -90,6 +90,11 @@ class ReleasePath:
         idle = getattr(self.mechanism, "trusted_idle", None)
         return idle() if idle is not None else contextlib.nullcontext()
 
+    def noise_critical_s(self) -> float:
+        """Seconds the trusted side has spent so far waiting for (or drawing) noise on its critical path."""
+        stats = getattr(self.mechanism, "noise_stats", None)
+        return float(stats()["critical_s"]) if stats is not None else 0.0
+
     # ------------------------------------------------------------------ the path
     def _split_release(self, X3: Tensor, r: int, shape: torch.Size, *, layer: str, kind: str, noised: bool,
                        inplace: bool = False, keep_layout: bool = False) -> tuple[Factors, Handle, Tensor]:

@@ -319,7 +319,9 @@ def test_prefetched_noise_is_what_an_inline_draw_gives() -> None:
     st = on.noise_stats()
     assert st["hits"] + st["late"] >= 8 and st["prefetched_samples"] > 0 and st["background_s"] > 0
     assert st["samples"] == st["inline_samples"] + st["prefetched_samples"] and st["releases"] == 12
-    assert off.noise_stats()["hits"] == 0 and off._pool is None  # off: no thread at all
+    st_off = off.noise_stats()  # off: nothing drawn ahead (helpers only add noise on the caller's behalf)
+    assert st_off["hits"] == st_off["prefetched_samples"] == 0 and st_off["background_s"] == 0
+    assert st_off["inline_samples"] == st_off["samples"] > 0
     assert float(torch.cat([x.flatten() for x in a]).std()) == pytest.approx(1.0, rel=0.01)
 
 

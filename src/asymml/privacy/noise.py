@@ -303,8 +303,9 @@ class ReleaseMechanism:
     ``r`` itself with ``inplace=True``; never a buffer), so no draw is ever handed out twice and no release
     aliases a buffer.  While the caller has not yet asked for a prefetched draw, the thread goes on with the
     releases predicted after it, up to ``prefetch_depth`` draws ahead.  Buffers stay within ``prefetch_bytes``
-    (a prediction that does not fit is skipped).  ``threads``: threads that generate one inline draw and add
-    noise (the caller plus ``threads - 1`` pool threads).  ``draws``: Gaussians summed per element; None = 1
+    (a prediction that does not fit is skipped).  ``threads``: threads that generate one inline draw (the
+    caller plus ``threads - 1`` pool threads); adding noise to a release, on the trusted side's critical path,
+    uses at least as many and up to torch's thread count.  ``draws``: Gaussians summed per element; None = 1
     for float32 / float16 / bfloat16 releases (float64 noise rounded once) and ``HARDENING_DRAWS`` for float64
     releases (see :mod:`asymml.privacy.secure_rng`).  :meth:`noise_stats` reports where the time went.
     """
@@ -375,6 +376,7 @@ class ReleaseMechanism:
         # noise generation and prefetch (never part of the state: the key and the noise stay in memory)
         self._draws = draws
         self._threads = threads
+        self._pool_workers = 1
         self._prefetch = _env_flag("ASYMML_NOISE_PREFETCH", True) if prefetch is None else bool(prefetch)
         self._budget = int(prefetch_bytes)
         self._depth = prefetch_depth
@@ -536,8 +538,12 @@ class ReleaseMechanism:
         buf = self._take(layer, index, n, draws)
         t1 = time.perf_counter()
         try:
-            pool = self._executor() if self._threads > 1 else None
-            out = _add_noise(r, scale, std, buf[:n], executor=pool, parts=self._threads, inplace=inplace)
+            # adding the noise is on the trusted side's critical path: it uses that side's own threads
+            # (at least ``threads``), never more than the pool's helpers (one worker is the prefetcher's)
+            parts = max(self._threads, torch.get_num_threads())
+            pool = self._executor() if parts > 1 else None
+            parts = min(parts, self._pool_workers - 1) if pool is not None else 1
+            out = _add_noise(r, scale, std, buf[:n], executor=pool, parts=parts, inplace=inplace)
         finally:
             self._give_back(buf)
         t2 = time.perf_counter()
@@ -636,8 +642,10 @@ class ReleaseMechanism:
     def _executor(self) -> ThreadPoolExecutor:
         with self._plock:
             if self._pool is None or self._pool_pid != os.getpid():  # (a forked child has no threads)
-                # one thread for prefetch + threads - 1 helpers of the caller (inline draws, adding noise)
-                self._pool = ThreadPoolExecutor(max_workers=self._threads + 1, thread_name_prefix="asymml-noise")
+                # one thread for prefetch + helpers of the caller: threads - 1 for inline draws, one per
+                # torch thread for adding noise (see __call__)
+                self._pool_workers = max(self._threads, torch.get_num_threads()) + 1
+                self._pool = ThreadPoolExecutor(max_workers=self._pool_workers, thread_name_prefix="asymml-noise")
                 self._pool_pid = os.getpid()
                 self._held_bytes -= sum(8 * p.buf.numel() for p in self._pending.values())
                 self._pending.clear()
