@@ -142,9 +142,8 @@ def test_pilot_does_not_count_noise_drawn_while_the_prefetch_is_cold(monkeypatch
     without those draws, or a noised run keeps layers trusted that pay split (VGG-16 224 px, σ=1: 1 of 12
     layers split instead of 11)."""
     from asymml.privacy import NoiseConfig
-    from asymml.release import ReleasePath
-
     from asymml.privacy.noise import ReleaseMechanism
+    from asymml.release import ReleasePath
 
     drawn = [0.0]  # every release draws its noise inline for 0.2 s, reported as critical-path noise time
     release = ReleaseMechanism.__call__
