@@ -145,6 +145,10 @@ def test_derived_formulas(result: dict) -> None:
 def test_markdown_lists_every_run(result: dict) -> None:
     md = markdown(result)
     n_split = sum(r["mode"] in ("asym", "noise-only") for r in result["runs"])  # trusted-time breakdown rows
+    for r in result["runs"]:
+        if r["mode"] == "asym":  # layers the planner kept trusted are their own column, not "other"
+            b = r["breakdown"]
+            assert "planner_trusted_s" in b and b["planner_trusted_s"] >= 0
     assert md.count("| vgg11 |") == len(result["runs"]) + len(result["derived"]) + n_split
     assert "projected speed-up (ratio 10)" in md
     assert "projected SGX1 speed-up (projection, not measured)" in md and "limit (roofline)" in md

@@ -103,8 +103,9 @@ def markdown(result: Mapping[str, Any]) -> str:
     if split:
         out += ["", "Trusted time of the split modes, ms (last timed step):", "",
                 f"{sv_h}| model | input | batch | phase | mode | decompose | split fwd (excl. decompose) | "
-                "split bwd | trusted ops fwd | other (autograd of trusted ops, loss, glue) | blocked |",
-                "|" + "---|" * (11 + sweep)]
+                "split bwd | trusted ops fwd | layers kept trusted by the planner (fwd+bwd) | "
+                "other (autograd of trusted ops, loss, glue) | blocked |",
+                "|" + "---|" * (12 + sweep)]
         for r in split:
             b = r["breakdown"]
             sv = f"| {r.get('sweep_value')} " if sweep else ""
@@ -112,7 +113,7 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"{sv}| {r['model']} | {r['input_size']} | {r['batch_size']} | {r['phase']} | {r['label']} | "
                 + " | ".join(f"{1e3 * b.get(k, 0.0):.1f}" for k in
                              ("decompose_s", "split_forward_s", "split_backward_s", "trusted_ops_forward_s",
-                              "other_s"))
+                              "planner_trusted_s", "other_s"))
                 + f" | {1e3 * r['blocked_s']:.1f} |"
             )
     from .attribution import attribution_table

@@ -614,8 +614,13 @@ class BenchRunner:
                 sf = sum(lp.trusted_s.get("forward", 0.0) for lp in prof.layers if lp.kind == "split")
                 sb = sum(lp.trusted_s.get("backward", 0.0) for lp in prof.layers if lp.kind == "split")
                 tf = sum(lp.trusted_s.get("forward", 0.0) for lp in prof.layers if lp.kind == "trusted")
+                # layers the planner kept trusted (run as plain ops, forward and backward)
+                kept = [lp for lp in prof.layers if lp.kind == "trusted (planner)"]
+                kf = sum(lp.trusted_s.get("forward", 0.0) for lp in kept)
+                kb = sum(lp.trusted_s.get("backward", 0.0) for lp in kept)
                 breakdown = {"decompose_s": dec, "split_forward_s": sf - dec, "split_backward_s": sb,
-                             "trusted_ops_forward_s": tf, "other_s": trusted - sf - sb - tf}
+                             "trusted_ops_forward_s": tf, "planner_trusted_s": kf + kb,
+                             "other_s": trusted - sf - sb - tf - kf - kb}
                 if self.cfg.layers:
                     rec["layers"] = prof.to_dict()["layers"]
             except AttributeError:
