@@ -273,3 +273,22 @@ def test_non_finite_in_fused_passes_is_named(case, where, bad):
             b["param_grads"]["c1.weight"] = t
         with pytest.raises(IntegrityError, match="NaN or Inf"):
             _run_checks(Verifier(sample=1.0), c, f, b)
+
+
+def test_checks_take_the_trusted_threads_only_where_the_accelerator_is_the_trusted_cores() -> None:
+    """An in-process CPU executor runs its jobs on the trusted side's cores and the trusted side waits for
+    each result it checks: its checks stream on all torch threads. Elsewhere (GPU, remote) a check may run
+    beside the trusted side's own share: one thread."""
+    ex = LocalExecutor("cpu", verify=True)
+    try:
+        assert ex.shares_trusted_cores and ex.verifier.threads is None
+        ex.set_verify_sample(0.5)
+        assert ex.verifier.threads is None and ex.verifier.sample == 0.5
+        ex.shares_trusted_cores = False  # as an off-core accelerator
+        ex.verify = False
+        ex.verify = True
+        assert ex.verifier.threads == 1
+        ex.set_verify_sample(1.0)
+        assert ex.verifier.threads == 1 and ex.verifier.sample == 1.0
+    finally:
+        ex.close()

@@ -597,7 +597,8 @@ class Verifier:
         sample: probability that a job after the warm-up gets the randomized checks (1: every job).
         warmup: jobs per layer that are always checked in full.
         max_gap: a layer's job is always checked after ``max_gap - 1`` unchecked ones (None: no bound).
-        threads: torch threads while checking (None: as set; default 1, see ``_timed``).
+        threads: torch threads while checking (None: as set; default 1, see ``_timed``). Executors pick:
+            all threads on an in-process CPU accelerator, one elsewhere (``Executor._new_verifier``).
     """
 
     def __init__(self, rounds: int = 2, rtol: float | None = None, device_type: str = "cpu", *,
