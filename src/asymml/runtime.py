@@ -217,8 +217,10 @@ class SplitModule(nn.Module):
         """What the planner's choice depends on: module modes, input shape, autograd, threads."""
         if self._gm is None:
             return ()
-        return (tuple(m.training for m in self._gm.modules()), tuple(x.shape), torch.is_grad_enabled(),
-                torch.get_num_threads())
+        mods = self.__dict__.get("_gm_modules")
+        if mods is None:  # (the traced structure never changes: walk it once, not on every forward)
+            mods = self.__dict__["_gm_modules"] = tuple(self._gm.modules())
+        return (tuple(m.training for m in mods), tuple(x.shape), torch.is_grad_enabled(), torch.get_num_threads())
 
     def _check_privacy(self) -> None:
         """With noise on, refuse (``PrivacyConfigError``) a plan in which releases couple samples (the
