@@ -24,10 +24,10 @@ read once per check. The product runs over row chunks of about 1 MiB (:func:`_ro
 square sum (its norm, for the tolerance, and its finiteness) is taken on each chunk while it is still in
 cache, so the norm costs no second read from memory; weight gradients are projected the same way
 (:func:`_wproj`). Per-sample programs are checked on the batch collapsed by ``r``; non-separable cases
-(grouped convolutions, pooling) fall back to dense test tensors. Measured on VGG-16 224 px, batch 8, one
-thread (``tests/executors/measure_overhead.py --replay --sample 1.0``): with every job checked, 9-12%
-(inference) and 5-6% (training) of asym trusted time, against 16-17% and 10-11% with a separate norm pass
-(three paired runs on a shared machine). What
+(grouped convolutions, pooling) fall back to dense test tensors. Measured on VGG-16 224 px, batch 8
+(``tests/executors/measure_overhead.py --replay``, 5 paired rounds): with every job checked, 16% (inference)
+and 12% (training) of asym trusted time on one thread, 12% and 7% on two (what an in-process CPU executor's
+checks use, see ``threads``). What
 remains is bounded by reading each result and each released input once (about 12-15 GB/s on one core),
 the second read of a weight-gradient check's value and gradient, and one read of a weight per test tensor.
 
@@ -72,9 +72,10 @@ RTOL_GPU = 2e-2
 _A = math.sqrt(3 / 7)  # magnitude scale of test entries: E[s²] = 1
 #: default sampling of the randomized checks (see :class:`Verifier`): every job of a layer in its first
 #: WARMUP jobs, then each job with probability SAMPLE, and never MAX_GAP jobs of a layer in a row unchecked.
-#: With every job checked the trusted-time overhead measured 9-12% (inference) and 5-6% (training) of asym
-#: trusted time on VGG-16 224 px (tests/executors/measure_overhead.py --replay); sampling a quarter of the
-#: jobs brings it to about 3-5%.
+#: On VGG-16 224 px batch 8 (2026-11-29, two torch threads as an in-process CPU executor's checks run), replayed
+#: checks (tests/executors/measure_overhead.py --replay) cost 12% (inference) and 7% (training) of asym trusted
+#: time with every job checked, 8% in inference with a quarter sampled; `asymml bench --verify` measured +3%
+#: (inference) and +7% (training) over the same placement.
 SAMPLE = 0.25
 WARMUP = 2
 MAX_GAP = 8
