@@ -17,7 +17,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .profiling import Recorder
 from .transform import Plan, Region
@@ -136,3 +138,33 @@ def max_pool_2x2(x: Tensor) -> Tensor:
         if target is operator.iadd:
             target = operator.add
         return target(*args, **kwargs)
+
+
+def _two(v: Any) -> bool:
+    return v == 2 or v == (2, 2) or v == [2, 2]
+
+
+class IndexlessPools(TorchFunctionMode):
+    """Routes ``F.max_pool2d`` calls that :func:`max_pool_2x2` covers (2×2, stride 2, no padding or
+    dilation, floor mode, no indices asked for, a channels-last CPU input that needs no gradient) to it, so
+    that a model run as written (``trusted-only``, or ``asym`` when the planner keeps every layer trusted)
+    gets the same pool as the trusted interpreter. Module hooks still run: only the op is replaced."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.max_pool2d and args:
+            names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+            kw = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+            kw.update(zip(names, args[1:]))
+            kw.update(kwargs)
+            x = args[0]
+            stride = kw["stride"] if kw["stride"] not in (None, (), []) else kw.get("kernel_size")
+            if (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.device.type == "cpu"
+                    and x.shape[2] >= 2 and x.shape[3] >= 2 and _two(kw.get("kernel_size")) and _two(stride)
+                    and kw["padding"] in (0, (0, 0), [0, 0]) and kw["dilation"] in (1, (1, 1), [1, 1])
+                    and not kw["ceil_mode"] and not kw["return_indices"]
+                    and not (torch.is_grad_enabled() and x.requires_grad)
+                    and x.is_contiguous(memory_format=torch.channels_last)):
+                return max_pool_2x2(x)
+        return func(*args, **kwargs)
+

@@ -11,6 +11,7 @@ their generator and cache) and the executor. Timing, FLOPs, memory and release s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .decomposition import AdaptiveRank
 from .errors import InputError
 from .executors.base import Executor
-from .interpreter import TrustedInterpreter
+from .interpreter import IndexlessPools, TrustedInterpreter
 from .planner import Planner
 from .profiling import LayerProfile, Profile, Recorder, RuntimeObserver
 from .region import ForwardPass, RegionCall, RegionFunction, region_params
@@ -59,6 +60,7 @@ class SplitModule(nn.Module):
             self._plans: dict[tuple, Plan] = {}
             self.plan()  # validates (strict mode) before any computation
         self._first_conv_in = self._find_first_conv_channels(model)
+        self._has_max_pool = any(isinstance(m, nn.MaxPool2d) for m in model.modules())
         self._all_trusted: set[tuple] = set()  # (modes, shape, grad, threads) where no layer was split
         #: When set, the accelerator's share of each parameter gradient (``R̃⋆δ_R``, computed only from
         #: released tensors, hence post-processing) is handed to ``sink(param, grad)`` instead of being
@@ -172,7 +174,9 @@ class SplitModule(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if mode == "trusted-only" or self._all_trusted_key(x) in self._all_trusted:
             # (asym: the planner kept every layer trusted for this input shape — run the model as is)
-            with self.recorder.whole_model():
+            # (without autograd its 2×2 max-pools write no indices, as in the trusted interpreter)
+            pools = self._has_max_pool and not torch.is_grad_enabled()
+            with self.recorder.whole_model(), (IndexlessPools() if pools else contextlib.nullcontext()):
                 return self.model(x)
         if mode == "plain":
             return self.executor.run_module(self.model, (x,), layer="model")

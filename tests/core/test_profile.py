@@ -180,3 +180,33 @@ def test_max_pool_without_autograd_writes_no_indices() -> None:
         sm(x)
     h.remove()
     assert hooked and any(n.startswith("max_pool2d_with_indices") for n in ops.names)
+
+
+def test_trusted_only_gets_the_same_indexless_pool() -> None:
+    """The baseline runs the model as written; its 2×2 max-pools get the same index-free pool without
+    autograd (a speed-up against a baseline slower than it need be is not a speed-up), hooks still run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 64, 4)).eval()
+    hooked = []
+    net[2].register_forward_hook(lambda m, i, o: hooked.append(1))
+    x = torch.randn(2, 3, 16, 16)
+    sm = asymml.split(net, mode="trusted-only")
+    with torch.no_grad(), Ops() as ops:
+        out = sm(x)
+    torch.testing.assert_close(out, net(x))
+    assert hooked and not any(n.startswith("max_pool2d_with_indices") for n in ops.names)
+    with Ops() as ops:
+        sm(x).sum().backward()
+    assert any(n.startswith("max_pool2d_with_indices") for n in ops.names)
