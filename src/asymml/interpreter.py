@@ -78,36 +78,14 @@ class TrustedInterpreter(fx.Interpreter):
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The module as the caller wrote it (in-place activations stay in place: region outputs are fresh
         tensors, and tensors a region saves are version-checked in backward); a 2×2 max-pool without
-        autograd skips the indices it would write (:func:`max_pool_2x2`)."""
+        autograd skips the indices it would write (:class:`IndexlessPools`)."""
         mod = self.submodules.get(target)
         if mod is None:  # a module registered under a second name
             mod = self.submodules[target] = self.fetch_attr(target)
-        if type(mod) is nn.MaxPool2d and not kwargs and len(args) == 1 and _plain_2x2(mod) and _no_hooks(mod):
-            x = args[0]
-            if (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.device.type == "cpu"
-                    and x.shape[2] >= 2 and x.shape[3] >= 2 and not (torch.is_grad_enabled() and x.requires_grad)
-                    and x.is_contiguous(memory_format=torch.channels_last)):
-                return max_pool_2x2(x)
+        if isinstance(mod, nn.MaxPool2d) and not torch.is_grad_enabled():
+            with IndexlessPools():  # (the module still runs, with its hooks: only the op is replaced)
+                return mod(*args, **kwargs)
         return mod(*args, **kwargs)
-
-
-def _no_hooks(m: nn.Module) -> bool:
-    """No forward hooks on ``m`` or on every module (the fast path must not skip a caller's hook)."""
-    from torch.nn.modules import module as _m
-
-    return not (m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
-                or _m._global_forward_pre_hooks)
-
-
-def _plain_2x2(m: nn.MaxPool2d) -> bool:
-    """A 2×2 max-pool with stride 2, no padding or dilation, floor mode, no indices returned."""
-    def two(v: Any) -> bool:
-        return v == 2 or v == (2, 2)
-
-    stride = m.stride if m.stride is not None else m.kernel_size
-    zero = m.padding == 0 or m.padding == (0, 0)
-    one = m.dilation == 1 or m.dilation == (1, 1)
-    return two(m.kernel_size) and two(stride) and zero and one and not m.ceil_mode and not m.return_indices
 
 
 #: bytes of the row-pair maxima kept at a time by :func:`max_pool_2x2` (cache-sized)
