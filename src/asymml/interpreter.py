@@ -87,6 +87,11 @@ class TrustedInterpreter(fx.Interpreter):
                 return mod(*args, **kwargs)
         return mod(*args, **kwargs)
 
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if target is operator.iadd:
+            target = operator.add
+        return target(*args, **kwargs)
+
 
 #: bytes of the row-pair maxima kept at a time by :func:`max_pool_2x2` (cache-sized)
 _POOL_BLOCK_BYTES = 1 << 20
@@ -111,11 +116,6 @@ def max_pool_2x2(x: Tensor) -> Tensor:
             t = torch.maximum(xv[b, 2 * i : 2 * j : 2], xv[b, 2 * i + 1 : 2 * j : 2])  # rows × W × C
             torch.maximum(t[:, 0::2], t[:, 1::2], out=ov[b, i:j])
     return out
-
-    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if target is operator.iadd:
-            target = operator.add
-        return target(*args, **kwargs)
 
 
 def _two(v: Any) -> bool:

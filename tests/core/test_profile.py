@@ -209,3 +209,23 @@ def test_trusted_only_gets_the_same_indexless_pool() -> None:
     with Ops() as ops:
         sm(x).sum().backward()
     assert any(n.startswith("max_pool2d_with_indices") for n in ops.names)
+
+
+def test_interpreter_runs_inplace_add_out_of_place() -> None:
+    """``x += y`` runs out of place in the trusted interpreter: the runtime keeps values other ops still
+    read (and region outputs saved for backward are version-checked), so the left operand must not change."""
+    import operator
+
+    import torch.fx as fx
+
+    from asymml.interpreter import TrustedInterpreter
+    from asymml.profiling import Recorder
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(operator.mul, (x, 1.0))
+    b = g.call_function(operator.iadd, (a, x))
+    g.output(g.call_function(operator.add, (a, b)))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    t = torch.ones(3)
+    torch.testing.assert_close(TrustedInterpreter(gm, Recorder()).run(t), 3 * t)  # in place: 4 * t
