@@ -227,7 +227,7 @@ class RegionCall:
     def forward(self, fp: ForwardPass, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Split the inputs (through ``fp``), run the accelerator's share and the trusted share, merge."""
         reg, ex, rec = self.reg, self.executor, self.recorder
-        noise0 = self.release.noise_critical_s() if self.release.mechanism is not None else 0.0
+        noise0 = self.release.noise_critical_s()
         with rec.region(reg.name, "forward") as span:
             tparts: dict[fx.Node, Any] = {}
             handles: dict[fx.Node, Any] = {}
@@ -283,8 +283,7 @@ class RegionCall:
             # the pilot's forwards are the first ones: noise was drawn on the critical path because the
             # prefetch had not yet learned the order of the releases; from then on it is drawn ahead while
             # the trusted side waits, so the trial counts the split's own cost (noise added, not drawn)
-            noise = self.release.noise_critical_s() - noise0 if self.release.mechanism is not None else 0.0
-            self.planner.observe(reg.name, span.elapsed - noise)
+            self.planner.observe(reg.name, span.elapsed - (self.release.noise_critical_s() - noise0))
         return outs
 
     def _wait(self, span: Any, fut: Any) -> Any:

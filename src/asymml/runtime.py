@@ -57,6 +57,9 @@ class SplitModule(nn.Module):
         if cfg.mode in ("asym", "noise-only"):
             self._gm = trace(model)
             self._interpreter = TrustedInterpreter(self._gm, self.recorder)
+            # the traced modules, whose train/eval flags the planner's all-trusted choice depends on (the
+            # structure never changes: walked once here, not on every forward)
+            self._gm_modules = tuple(self._gm.modules())
             self._plans: dict[tuple, Plan] = {}
             self.plan()  # validates (strict mode) before any computation
         self._first_conv_in = self._find_first_conv_channels(model)
@@ -221,10 +224,8 @@ class SplitModule(nn.Module):
         """What the planner's choice depends on: module modes, input shape, autograd, threads."""
         if self._gm is None:
             return ()
-        mods = self.__dict__.get("_gm_modules")
-        if mods is None:  # (the traced structure never changes: walk it once, not on every forward)
-            mods = self.__dict__["_gm_modules"] = tuple(self._gm.modules())
-        return (tuple(m.training for m in mods), tuple(x.shape), torch.is_grad_enabled(), torch.get_num_threads())
+        return (tuple(m.training for m in self._gm_modules), tuple(x.shape), torch.is_grad_enabled(),
+                torch.get_num_threads())
 
     def _check_privacy(self) -> None:
         """With noise on, refuse (``PrivacyConfigError``) a plan in which releases couple samples (the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import asymml
@@ -134,12 +135,22 @@ def test_inplace_gemms_are_counted() -> None:
     assert count_flops(lambda: m.addmm_(a[0], b[0]))[1] == 2 * 4 * 5 * 6
 
 
+class Ops(TorchDispatchMode):
+    """Records the names of the aten ops run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_max_pool_without_autograd_writes_no_indices() -> None:
     """A 2×2 max-pool run by the trusted interpreter without autograd gives F.max_pool2d's result (NaN
     included) without writing the int64 indices PyTorch's CPU kernel writes anyway: they were 49 MiB of
     VGG-16's 184 MiB trusted inference peak at 224 px, batch 8. With autograd the pool runs as written."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from asymml.interpreter import max_pool_2x2
 
     for shape in [(2, 8, 16, 16), (3, 5, 7, 9), (1, 4, 2, 3)]:
@@ -150,15 +161,6 @@ def test_max_pool_without_autograd_writes_no_indices() -> None:
         assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(torch.isnan(got), torch.isnan(ref))
         assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            self.names.add(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -184,17 +186,6 @@ def test_max_pool_without_autograd_writes_no_indices() -> None:
 def test_trusted_only_gets_the_same_indexless_pool() -> None:
     """The baseline runs the model as written; its 2×2 max-pools get the same index-free pool without
     autograd (a speed-up against a baseline slower than it need be is not a speed-up), hooks still run."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            self.names.add(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(8 * 64, 4)).eval()
