@@ -36,7 +36,7 @@ from .executors.base import BackwardRequest, Executor
 from .planner import ConvShape, Planner
 from .profiling import Recorder
 from .release import ReleasePath
-from .rules import Conv2dRule, dense, tadd
+from .rules import Conv2dRule, Low, dense, tadd
 from .splitconfig import SplitConfig
 from .transform import Region
 
@@ -169,18 +169,32 @@ class ForwardPass:
             shapes.append(ConvShape(B, C, m.out_channels, m.groups, m.kernel_size[0] * m.kernel_size[1],
                                     H * W, ho * wo))
 
+        training = self.grad_on
+
         def dense_timer() -> float:
-            """Seconds of this layer's dense forward on the real input (best of 2): the pilot's yardstick."""
+            """Seconds of this layer's dense forward on the real input — in training forward and backward
+            (the input's gradient unless it is the model's input, and the weight's) — best of 2: the pilot's
+            yardstick."""
             best = float("inf")
-            with torch.no_grad():
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    for b in convs:
-                        b.module._conv_forward(x.detach(), b.module.weight, b.module.bias)
-                    best = min(best, time.perf_counter() - t0)
+            xd = x.detach()
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for b in convs:
+                    m = b.module
+                    if not training:
+                        with torch.no_grad():
+                            m._conv_forward(xd, m.weight, m.bias)
+                        continue
+                    xi = xd.requires_grad_(v.op != "placeholder")
+                    w = m.weight.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        y = m._conv_forward(xi, w, None)
+                        torch.autograd.grad(y, [xi, w] if xi.requires_grad else [w], torch.ones_like(y))
+                    xd = x.detach()
+                best = min(best, time.perf_counter() - t0)
             return best
 
-        return all(self.planner.split_pays(f"{reg.name}:{v.name}", s, r, training=self.grad_on,
+        return all(self.planner.split_pays(f"{reg.name}:{v.name}", s, r, training=training,
                                            shared=self.cfg.basis == "batch", dense_timer=dense_timer)
                    for s in shapes)
 
@@ -215,6 +229,7 @@ class RegionCall:
         self.has_r: dict[fx.Node, bool] = {}
         self.grad_params: tuple[str, ...] = ()
         self.rank = 0
+        self.g_full: dict[fx.Node, Tensor] = {}
 
     def __del__(self) -> None:
         if getattr(self, "accel_live", False):
@@ -350,12 +365,21 @@ class RegionCall:
     def backward(self, grads: tuple[Tensor | None, ...]) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Input and parameter gradients of the region from its output gradients (see the module doc)."""
         reg, ex, rec, release = self.reg, self.executor, self.recorder, self.release
+        piloted = self.accel_live and self.planner.watching(reg.name)
+        noise0 = release.noise_critical_s()
         with rec.region(reg.name, "backward") as span:
             dT: dict[fx.Node, Any] = {}
             grad_handles: dict[str, Any] = {}
+            # the whole output gradient where the accelerator's share of it is released exactly (no noise):
+            # a weight gradient then reads it as it is, instead of rebuilding it as δ_L + δ_R (a full-size
+            # expansion and an addition that also round)
+            exact = release.cfg.backward == "paper" or not (release.cfg.noise_grads and release.mechanism is not None)
+            self.g_full = {}
             for o, g in zip(reg.outputs, grads):
                 if g is None:
                     continue
+                if exact:
+                    self.g_full[o] = g
                 if not self.has_r[o] or not self.accel_live:
                     dT[o] = tadd(dT.get(o), g)
                     continue
@@ -382,6 +406,7 @@ class RegionCall:
                 fut = ex.backward(self.key, req)
                 self.accel_live = False
             # pass 1: trusted gradient parts, concurrently with the accelerator
+            owned: set[int] = set()  # ids of gradient tensors made here and held by one dT entry only
             for n in reversed(reg.nodes):
                 d = dT.get(n)
                 if d is None:
@@ -391,18 +416,30 @@ class RegionCall:
                 with rec.label(_rule_label(b.rule, "input_grad")):
                     gis = b.rule.input_grad(b, d, [self.shapes[a] for a in args])
                 for a, gi in zip(args, gis):
-                    dT[a] = tadd(dT.get(a), gi)
+                    prev = dT.get(a)
+                    dT[a] = tadd(prev, gi)
+                    fresh = (prev is not None and gi is not None) or (b.rule.fresh_grads and len(args) == 1)
+                    if fresh and isinstance(dT[a], Tensor):
+                        owned.add(id(dT[a]))
+                    else:
+                        owned.discard(id(dT[a]))
             res = self._wait(span, fut) if fut is not None else {"input_grads": {}, "param_grads": {}, "value_grads": {},
                                                           "values": {}}
-            in_grads, pgrads = self._gradients(dT, res)
+            in_grads, pgrads = self._gradients(dT, res, owned)
+        if piloted:
+            self.planner.observe(reg.name, span.elapsed - (release.noise_critical_s() - noise0), "backward")
         self.saved_t.clear()
+        self.g_full = {}
         return in_grads, pgrads
 
-    def _gradients(self, dT: dict[fx.Node, Any], res: dict[str, Any]
+    def _gradients(self, dT: dict[fx.Node, Any], res: dict[str, Any], owned: set[int] = frozenset()
                    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Combine the trusted gradient parts with the accelerator's results into input and parameter
-        gradients (the accelerator's parameter share goes to the grad sink when one is set)."""
+        gradients (the accelerator's parameter share goes to the grad sink when one is set). ``owned``:
+        ids of trusted gradient tensors made by this backward alone, which the accelerator's share is
+        added into in place (no full-size result of its own)."""
         reg, rec = self.reg, self.recorder
+        inner = {a for m in reg.nodes for a in reg.arg_nodes(m)}  # values read inside the region
         dA = res["value_grads"]
         # pass 2: accelerator gradient flowing into values the accelerator never held (e.g. a skip
         # connection that was not decomposed) is taken over by the trusted side
@@ -439,7 +476,10 @@ class RegionCall:
                 continue
             a = reg.arg_nodes(n)[0]
             d_t = tadd(dT.get(n), extra.get(n))
-            full = tadd(d_t, dA.get(n.name) if self.has_r[n] else None)
+            if n in self.g_full and n not in inner:
+                full = self.g_full[n]  # an output read by nothing else in the region: its whole gradient
+            else:
+                full = tadd(d_t, dA.get(n.name) if self.has_r[n] else None)
             if full is not None:
                 r_in = res["values"].get(reg.vname(a)) if self.has_r[a] else None
                 with rec.label(_rule_label(b.rule, "param_grads")):
@@ -450,16 +490,29 @@ class RegionCall:
                     if acc is not None:
                         if sink is not None:  # DP on updates: the public share is kept apart
                             sink(rparams[pidx + names.index(k)][2], acc)
+                        elif g is None:
+                            g = acc
+                        elif b.rule.fresh_grads and g.shape == acc.shape and g.dtype == acc.dtype:
+                            g = g.add_(acc)  # the rule's fresh gradient: no weight-sized sum of its own
                         else:
-                            g = acc if g is None else g + acc
+                            g = g + acc
                     pgrads[pidx + names.index(k)] = g
             pidx += len(names)
         in_grads: list[Tensor | None] = []
         for v in reg.inputs:
-            g = dense(tadd(dT.get(v), extra.get(v)))
+            t = tadd(dT.get(v), extra.get(v))
+            g = dense(t)
+            # made by this backward and referenced nowhere else: a Low's expansion, a sum, or an owned tensor
+            mine = g is not None and (isinstance(t, Low) or (dT.get(v) is not None and extra.get(v) is not None)
+                                      or (id(t) in owned and extra.get(v) is None and not g._is_view()))
             acc = res["input_grads"].get(reg.vname(v)) if self.has_r[v] else None
             if acc is not None:
-                g = acc if g is None else g + acc
+                if g is None:
+                    g = acc
+                elif mine and g.shape == acc.shape and g.dtype == acc.dtype:
+                    g = g.add_(acc)  # a trusted tensor made by this backward alone: no full-size sum of its own
+                else:
+                    g = g + acc
             in_grads.append(g)
         return in_grads, pgrads
 

@@ -265,3 +265,69 @@ def test_cpu_executor_merges_inside_the_gemm() -> None:
             assert torch.allclose(out, ref, atol=1e-10, rtol=0)
     finally:
         cl.Conv2dRule.trusted_forward_into = orig
+
+
+class _BigAdds(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the sizes of out-of-place ``aten.add.Tensor`` results at least ``floor`` elements big."""
+
+    def __init__(self, floor: int) -> None:
+        super().__init__()
+        self.floor = floor
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.add.Tensor and isinstance(out, torch.Tensor) and out.numel() >= self.floor:
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("backward", ["protected", "paper"])
+def test_split_backward_adds_the_accelerators_share_in_place(backward: str) -> None:
+    """The protected backward of a split conv chain writes no full-size sum of its own: the weight gradient
+    reads the output gradient as autograd gave it (not rebuilt as ``δ_L + δ_R``) and the accelerator's
+    input-gradient share is added into the trusted one in place. Gradients stay exact; with gradient noise
+    the weight gradient still reads the noised ``δ_L + δ̃_R`` the accelerator saw."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 12 * 12, 5)).double()
+    x = torch.randn(4, 8, 12, 12, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    ref(x).square().sum().backward()
+    sm = asymml.split(model, rank=2, placement="split", backward=backward)
+    out = sm(x)
+    counter = _BigAdds(floor=1000)  # activations (9,216 elements) and weights (2,304 and 11,520)
+    with counter:
+        out.square().sum().backward()
+    assert counter.sizes == []
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9, rtol=1e-9), name
+
+
+def test_noised_gradient_release_gives_the_gradient_of_what_was_released() -> None:
+    """With noise on released gradient residuals, the whole output gradient is *not* what the accelerator
+    saw. The trusted weight-gradient share must then read ``δ_L + δ̃_R``, so that every gradient is the exact
+    gradient of the perturbed ``δ + n`` (here a known shift ``n`` on each released gradient), not a mix of
+    ``X⋆δ`` and the accelerator's ``R̃⋆n``."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.Flatten(), nn.Linear(16 * 12 * 12, 5)).double()
+    x = torch.randn(4, 8, 12, 12, dtype=torch.float64)
+    shift = 0.25
+
+    def mechanism(rel: torch.Tensor, *, layer: str) -> torch.Tensor:  # a known "noise" on gradients only
+        return rel + shift if layer.endswith(":grad") else rel
+
+    def shifted(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: g + shift)  # the gradient at the conv's output, shifted like the release
+
+    ref = copy.deepcopy(model)
+    ref[0].register_forward_hook(shifted)  # the one released gradient (conv 2, flatten, linear: one region)
+    ref(x).square().sum().backward()
+    sm = asymml.split(model, rank=2, placement="split", noise=mechanism)
+    sm(x).square().sum().backward()
+    assert sm.executor.ledger.count_by_kind["grad_residual"] == 1
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-8, rtol=1e-8), name

@@ -114,6 +114,59 @@ def test_pilot_keeps_a_layer_trusted_when_the_split_measures_slower() -> None:
             planner._RATES.clear()
 
 
+def test_training_pilot_judges_forward_and_backward() -> None:
+    """In training the trial compares the split's forward *and* backward with the dense layer's: a split whose
+    forward only breaks even but whose backward saves time stays split (VGG-16's features.5 at 224 px was
+    kept trusted on its forward alone); one whose backward loses is kept trusted. The decision waits for
+    the backwards."""
+    fast = MachineRates(conv_flops=1e6, gemm_flops=1e15, bandwidth=1e15, threads=1, op_overhead=0.0, pilot=True)
+    s = ConvShape(B=2, C=16, O=16, groups=1, kk=9, hw_in=64, hw_out=64)
+    dense = 3e-3  # forward 1 ms + backward 2 ms
+    for fwd, bwd, stays in [(1.05e-3, 1.2e-3, True), (0.9e-3, 2.5e-3, False)]:
+        p = Planner()
+        planner._RATES[torch.get_num_threads()] = fast
+        try:
+            assert p.split_pays("conv:x", s, 4, training=True, shared=False, dense_timer=lambda: dense)
+            for _ in range(Planner.PILOT_FORWARDS):
+                p.observe("conv", fwd)
+            assert p.watching("conv")  # forwards alone do not decide a layer planned for training
+            for _ in range(Planner.PILOT_FORWARDS):
+                p.observe("conv", bwd, "backward")
+            assert not p.watching("conv")
+            assert p.split_pays("conv:x", s, 4, training=True, shared=False) is stays
+            d = p.decisions()["conv:x"]
+            assert d["measured_dense_s"] == dense and d["measured_split_s"] == pytest.approx(fwd + bwd)
+        finally:
+            planner._RATES.clear()
+
+
+def test_training_pilot_times_a_split_models_backward() -> None:
+    """The runtime feeds the trial: a split model's training steps report each piloted region's forward and
+    backward, and the dense yardstick includes the backward."""
+    seen: list[tuple[str, str]] = []
+    dense_seen: list[float] = []
+
+    class Recording(Planner):
+        def split_pays(self, key, s, r, *, training, shared, dense_timer=None):  # noqa: ANN001
+            if dense_timer is not None and training:
+                dense_seen.append(dense_timer())
+            return True
+
+        def watching(self, region: str) -> bool:
+            return True
+
+        def observe(self, region: str, split_s: float, phase: str = "forward") -> None:
+            seen.append((region, phase))
+
+    torch.manual_seed(0)
+    sm = asymml.split(torchvision.models.vgg11(num_classes=10), rank=2, placement="split")
+    sm.planner = Recording("auto")
+    sm(torch.rand(2, 3, 32, 32)).sum().backward()
+    phases = {ph for _, ph in seen}
+    assert phases == {"forward", "backward"} and dense_seen and all(t > 0 for t in dense_seen)
+    assert {r for r, ph in seen if ph == "backward"} == {r for r, ph in seen if ph == "forward"}
+
+
 def test_following_planner_makes_its_leaders_decisions_without_a_pilot() -> None:
     """A follower (the bench's verify variant) splits what its leader splits, including decisions the
     leader's pilot reversed, and never feeds the leader's pilot with its own forwards."""
@@ -161,7 +214,7 @@ def test_pilot_does_not_count_noise_drawn_while_the_prefetch_is_cold(monkeypatch
         def watching(self, region: str) -> bool:
             return True
 
-        def observe(self, region: str, split_s: float) -> None:
+        def observe(self, region: str, split_s: float, phase: str = "forward") -> None:
             seen.append(split_s)
 
     torch.manual_seed(0)

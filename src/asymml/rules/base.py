@@ -87,6 +87,9 @@ class SplitRule:
     heavy = False
     decomposes_input = False
     accel_op = "identity"
+    fresh_grads = False
+    """``input_grad`` (for its one input) and ``param_grads`` return new tensors, never views of ``d`` or of
+    anything else: the region may then add the accelerator's share into them in place."""
 
     # ---- binding
     def bind(self, node: Any, module: nn.Module | None) -> Bound | None:

@@ -55,6 +55,7 @@ class Conv2dRule(WeightedRule):
 
     decomposes_input = True
     accel_op = "conv2d"
+    fresh_grads = True
 
     def bind(self, node: Any, module: nn.Module | None) -> Bound | None:
         m = module
@@ -359,6 +360,7 @@ class LinearRule(WeightedRule):
     """Linear layers: the trusted share is dense (a per-sample low-rank input saves nothing here)."""
 
     accel_op = "linear"
+    fresh_grads = True
 
     def bind(self, node: Any, module: nn.Module | None) -> Bound | None:
         return Bound(self, module, {}, 1)
