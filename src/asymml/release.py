@@ -135,7 +135,7 @@ class ReleasePath:
         # ‖R‖² = ‖X‖² − ‖V‖² for an orthonormal basis: one read of X instead of two full passes
         xx = torch.linalg.vector_norm(X3, dim=(1, 2)).square()
         f, h, _ = self._split_release(X3, r, x.shape, layer=layer, kind="residual" if r > 0 else "activation",
-                                      noised=True, inplace=inplace)
+                                      noised=True, inplace=inplace, keep_layout=True)
         ratio = (xx - f.V.square().sum((1, 2))).clamp_min(0) / xx.clamp_min(1e-30)
         return (Low(f, (H, W)) if r > 0 else None), h, ratio
 
