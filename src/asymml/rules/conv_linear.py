@@ -179,19 +179,22 @@ class Conv2dRule(WeightedRule):
         return y
 
     @staticmethod
-    def _lowrank_wgrad_input(m: nn.Conv2d, t: Low, delta: Tensor) -> Tensor:
-        """``Σ_b (U_b V_b) ⋆ δ_b`` (weight gradient of a low-rank input) with batched GEMMs.
+    def _lowrank_wgrad_input(m: nn.Conv2d, t: Low, delta: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``Σ_b (U_b V_b) ⋆ δ_b`` (weight gradient of a low-rank input) with batched GEMMs, and the bias
+        gradient ``Σ δ`` from the same GEMM (a row of ones under the im2col: no pass over ``δ`` of its own).
 
         ``G_b = δ_b · im2col(V_b)ᵀ`` (``O × r·k²``), then one GEMM expands all ``G_b`` by their ``U_b``:
         a ``groups=B`` weight-gradient convolution with ``r`` channels per group is memory-bound."""
         U, B, r, O, C = t.f.U, t.f.V.shape[0], t.f.rank, m.out_channels, m.in_channels
         k = m.kernel_size
         kk = k[0] * k[1]
-        cols = _im2col(t.Vmaps, k, m.padding)  # B × r·k² × Ho·Wo
-        G = torch.bmm(delta.reshape(B, O, -1), cols.transpose(1, 2))  # B × O × r·k²
-        G = G.view(B, O, r, kk).permute(1, 3, 0, 2).reshape(O * kk, B * r)
+        bias = m.bias is not None
+        cols = _im2col(t.Vmaps, k, m.padding, ones_row=bias)  # B × (r·k² [+1]) × Ho·Wo
+        G = torch.bmm(delta.reshape(B, O, -1), cols.transpose(1, 2))  # B × O × (r·k² [+1])
+        gb = G[:, :, r * kk].sum(0) if bias else None
+        G = G[:, :, : r * kk].reshape(B, O, r, kk).permute(1, 3, 0, 2).reshape(O * kk, B * r)
         gw = torch.mm(G, U.transpose(1, 2).reshape(B * r, C))  # O·k² × C
-        return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2)
+        return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2), gb
 
     @staticmethod
     def _lowrank_wgrad_grad(m: nn.Conv2d, r_in: Tensor, d: Low) -> Tensor:
@@ -310,6 +313,7 @@ class Conv2dRule(WeightedRule):
         B, _, H, W = shape
         ho, wo = delta.shape[-2:]
         gw = torch.zeros_like(m.weight)
+        gb: Tensor | None = None
         # T ⋆ δ  (T low-rank: per-sample correlations of the r maps of V with δ, then expand by U)
         if isinstance(t_in, Low) and self._fold_cheaper(m, B, t_in.f.rank, t_in.f.shared, H * W, ho * wo):
             r = t_in.f.rank
@@ -318,7 +322,8 @@ class Conv2dRule(WeightedRule):
                 Ug = t_in.f.U.view(g, C // g, r)
                 gw += torch.einsum("gojxy,gcj->gocxy", G.view(g, O // g, r, *m.kernel_size), Ug).reshape(gw.shape)
             elif self._unfold_transposable(m):
-                gw += self._lowrank_wgrad_input(m, t_in, delta)
+                g_in, gb = self._lowrank_wgrad_input(m, t_in, delta)
+                gw += g_in
             else:
                 G = conv2d_weight(t_in.Vmaps.reshape(1, B * r, H, W), (B * O, r, *m.kernel_size),
                                   delta.reshape(1, B * O, ho, wo), groups=B, **kw)
@@ -348,7 +353,7 @@ class Conv2dRule(WeightedRule):
                 gw += conv2d_weight(r_in, m.weight.shape, dense(d_t), groups=g, **kw)
         out = {"weight": gw}
         if m.bias is not None:
-            out["bias"] = delta.sum((0, 2, 3))
+            out["bias"] = delta.sum((0, 2, 3)) if gb is None else gb
         return out
 
 
