@@ -313,6 +313,8 @@ def test_attribution_labels_engine_without_patching() -> None:
     assert {"decompose", "conv fwd", "conv weight-grad"} <= set(cats)
     assert att["op_s"] == pytest.approx(sum(sum(d.values()) for d in cats.values()))
     assert "| **all ops** |" in attribution_table(att, att["step_wall_s"])
+    assert op_class("aten::baddbmm_") == op_class("aten::addmm_") == "gemm"  # in place: the GEMM that merges
+    assert op_class("aten::add_") == op_class("aten::relu_") == "elementwise/other"
     assert (op_class("aten::mkldnn_convolution"), op_class("aten::bmm"), op_class("aten::copy_"),
             op_class("aten::linalg_cholesky_ex"), op_class("aten::relu")) == (
         "conv", "gemm", "copy", "linalg", "elementwise/other")

@@ -50,11 +50,13 @@ _LABEL_TO_CAT = {v: k for k, v in CATEGORY_LABELS.items()}
 
 
 def op_class(name: str) -> str:
-    """Kind of an aten op by name (``aten::`` prefix stripped)."""
+    """Kind of an aten op by name (``aten::`` prefix stripped); an in-place variant (``baddbmm_``) is of its
+    op's kind."""
     n = name.split("::")[-1]
+    base = n[:-1] if n.endswith("_") and not n.startswith("_") else n
     for cls, keys in OP_CLASSES.items():
         for k in keys:
-            if n == k or (k.endswith("_") and n.startswith(k)) or (cls in ("pool", "linalg") and k in n):
+            if n == k or base == k or (k.endswith("_") and n.startswith(k)) or (cls in ("pool", "linalg") and k in n):
                 return cls
     return "elementwise/other"
 
