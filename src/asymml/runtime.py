@@ -250,9 +250,9 @@ class SplitModule(nn.Module):
             raise InputError(f"expected a torch.Tensor input, got {type(x).__name__}")
         if not x.is_floating_point():
             raise InputError(f"expected a floating-point input tensor, got dtype {x.dtype}")
-        params = list(self.model.parameters())
-        if params and x.dtype != params[0].dtype:
-            raise InputError(f"input dtype {x.dtype} does not match the model's parameter dtype {params[0].dtype}")
+        p0 = next(self.model.parameters(), None)  # the first parameter only: no walk over every module
+        if p0 is not None and x.dtype != p0.dtype:
+            raise InputError(f"input dtype {x.dtype} does not match the model's parameter dtype {p0.dtype}")
         if self._first_conv_in is not None:
             if x.dim() != 4:
                 raise InputError(f"expected a 4-D input batch (B, C, H, W), got shape {tuple(x.shape)}")
