@@ -63,7 +63,7 @@ def _t_backward(section, fn):
 
 
 def _one(t):
-    t = t.clone()
+    t = t.clone(memory_format=torch.contiguous_format)  # (results may be channels-last on the wire)
     t.view(-1)[t.numel() // 3] += t.abs().mean() + 1e-3
     return t
 
@@ -369,3 +369,32 @@ def test_insecure_rules():
         AcceleratorServer("tcp://0.0.0.0:0", "cpu", insecure=True)
     with pytest.raises(ConfigError, match="unauthenticated"):
         RemoteExecutor("tcp://192.0.2.1:7777")  # refused before connecting
+
+
+def test_channels_last_tensors_cross_the_wire_in_their_layout():
+    """A channels-last activation is sent in NHWC byte order and arrives channels-last with the same values (a
+    remote accelerator then computes on the layout a local one gets); a descriptor with any other layout, or
+    NHWC on a tensor that is not 4-D, is refused before any byte is interpreted."""
+    import json
+
+    from asymml.executors.wire import PREFIX
+
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    plain = torch.randn(3, 4)
+    bufs = encode_message({"a": x, "b": plain})
+    frame = bytearray(b"".join(bytes(b) for b in bufs[:-1]))
+    _, hlen, _ = PREFIX.unpack_from(frame)
+    pre = PREFIX.size
+    header = json.loads(frame[pre:pre + hlen])
+    assert header["tensors"][0].get("layout") == "nhwc" and "layout" not in header["tensors"][1]
+    got = decode_message(bytes(frame[pre:pre + hlen]), bytearray(frame[pre + hlen:]))
+    assert got["a"].is_contiguous(memory_format=torch.channels_last) and torch.equal(got["a"], x)
+    assert torch.equal(got["b"], plain)
+    for bad in ({"layout": "nchw"}, {"layout": ["nhwc"]}, {"layout": "nhwc", "shape": [2, 60]}):
+        h = json.loads(frame[pre:pre + hlen])
+        d = h["tensors"][0]
+        d.update(bad)
+        if "shape" in bad:
+            d["nbytes"] = 2 * 60 * 4
+        with pytest.raises(ProtocolError, match="layout"):
+            decode_message(json.dumps(h).encode(), bytearray(frame[pre + hlen:]))

@@ -4,7 +4,9 @@ Wire format of one message (both directions)::
 
     b"AML1" | u32 header length | u64 payload length | header (UTF-8 JSON) | payload (tensor bytes)
 
-The header is ``{"msg": ..., "tensors": [{"dtype", "shape", "offset", "nbytes"}, ...]}``; inside ``msg`` a
+The header is ``{"msg": ..., "tensors": [{"dtype", "shape", "offset", "nbytes"[, "layout"]}, ...]}`` (``layout``
+``"nhwc"``: a 4-D tensor's bytes in channels-last order, delivered as the channels-last tensor it was, so a
+remote accelerator computes on the layout a local one gets, and no transposing copy is made); inside ``msg`` a
 tensor is ``{"$t": index}``, a tuple ``{"$tuple": [...]}`` and a dtype ``{"$dtype": name}``. Nothing is ever
 unpickled. Reading is hostile-peer safe: headers are small and their JSON complexity is bounded before
 parsing, payload buffers grow only as bytes actually arrive (never zero-filled to a claimed size), and every
@@ -297,14 +299,27 @@ def _encode_value(obj: Any, tensors: list[Tensor]) -> Any:
     raise TypeError(f"cannot send a {type(obj).__name__} to the accelerator (only data: tensors, numbers, strings)")
 
 
-def _tensor_bytes(t: Tensor, copy: bool) -> tuple[Tensor, memoryview]:
+def _channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last and not also NCHW-contiguous (then its layout is worth keeping)."""
+    return (t.dim() == 4 and t.numel() > 0 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _tensor_bytes(t: Tensor, copy: bool) -> tuple[Tensor, memoryview, bool]:
+    """The tensor as sent (CPU; a snapshot when ``copy``), its bytes, and whether they are in NHWC order."""
     t = t.detach()
     if t.dtype not in DTYPE_NAMES:
         raise TypeError(f"cannot send a tensor of dtype {t.dtype}")
-    t = t.to("cpu", copy=True).contiguous() if copy else t.cpu().contiguous()
+    t = t.cpu()
+    if _channels_last(t):
+        nhwc = t.permute(0, 2, 3, 1)  # contiguous: its bytes are the tensor's own, in channels-last order
+        if copy:
+            nhwc = nhwc.clone()
+        return nhwc.permute(0, 3, 1, 2), memoryview(nhwc.reshape(-1).view(torch.uint8).numpy()).cast("B"), True
+    t = t.to("cpu", copy=True).contiguous() if copy else t.contiguous()
     if t.numel() == 0:
-        return t, memoryview(b"")
-    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        return t, memoryview(b""), False
+    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"), False
 
 
 class _Keep:
@@ -323,13 +338,16 @@ def encode_message(msg: dict[str, Any], *, copy: bool = True) -> list[Any]:
     descs, bufs, keep = [], [], []
     offset = 0
     for t in tensors:
-        held, mv = _tensor_bytes(t, copy)
+        held, mv, nhwc = _tensor_bytes(t, copy)
         keep.append(held)
         pad = (-offset) % ALIGN
         if pad:
             bufs.append(bytes(pad))
             offset += pad
-        descs.append({"dtype": DTYPE_NAMES[held.dtype], "shape": list(held.shape), "offset": offset, "nbytes": mv.nbytes})
+        desc = {"dtype": DTYPE_NAMES[held.dtype], "shape": list(held.shape), "offset": offset, "nbytes": mv.nbytes}
+        if nhwc:
+            desc["layout"] = "nhwc"
+        descs.append(desc)
         if mv.nbytes:
             bufs.append(mv)
         offset += mv.nbytes
@@ -341,8 +359,8 @@ def encode_message(msg: dict[str, Any], *, copy: bool = True) -> list[Any]:
 
 
 def sent_tensors(bufs: list[Any]) -> list[Tensor]:
-    """The (CPU, contiguous) tensors an encoded frame sends, in message order: with ``copy=True`` these are
-    snapshots, safe to keep even if the caller later changes its own tensors."""
+    """The (CPU; contiguous or channels-last) tensors an encoded frame sends, in message order: with
+    ``copy=True`` these are snapshots, safe to keep even if the caller later changes its own tensors."""
     for b in reversed(bufs):
         if isinstance(b, _Keep):
             return b.tensors
@@ -381,8 +399,11 @@ def send_buffers(sock: socket.socket | Transport, bufs: Iterable[Any]) -> None:
 
 
 def _decode_tensor(desc: Any, payload: bytearray) -> Tensor:
-    if not isinstance(desc, dict) or set(desc) != {"dtype", "shape", "offset", "nbytes"}:
+    if not isinstance(desc, dict) or set(desc) - {"layout"} != {"dtype", "shape", "offset", "nbytes"}:
         raise ProtocolError(f"bad tensor descriptor {str(desc)[:200]}")
+    nhwc = "layout" in desc
+    if nhwc and (desc["layout"] != "nhwc" or not isinstance(desc["shape"], list) or len(desc["shape"]) != 4):
+        raise ProtocolError(f"bad tensor layout {str(desc['layout'])[:50]!r} (only 'nhwc', for a 4-D tensor)")
     dtype = DTYPES.get(desc["dtype"]) if isinstance(desc["dtype"], str) else None
     shape, offset, nbytes = desc["shape"], desc["offset"], desc["nbytes"]
     if dtype is None:
@@ -401,7 +422,11 @@ def _decode_tensor(desc: Any, payload: bytearray) -> Tensor:
         raise ProtocolError(f"misaligned tensor offset {offset}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(payload, dtype=dtype, count=numel, offset=offset).reshape(shape)
+    flat = torch.frombuffer(payload, dtype=dtype, count=numel, offset=offset)
+    if nhwc:
+        B, C, H, W = shape
+        return flat.reshape(B, H, W, C).permute(0, 3, 1, 2)
+    return flat.reshape(shape)
 
 
 def _decode_value(obj: Any, tensors: list[Tensor], depth: int = 0) -> Any:
