@@ -254,7 +254,9 @@ class Planner:
         region whose best split forward (+ best split backward) was not faster than its measured dense
         layer is kept trusted from then on: the calibrated model predicts, the measurement decides."""
         trial = self._pilot[region]
-        (trial.backward if phase == "backward" else trial.forward).append(split_s)
+        obs = trial.backward if phase == "backward" else trial.forward
+        if len(obs) < self.PILOT_FORWARDS:  # (a layer whose backward never comes does not grow the list)
+            obs.append(split_s)
         if len(trial.forward) < self.PILOT_FORWARDS or (trial.training and len(trial.backward) < self.PILOT_FORWARDS):
             return
         del self._pilot[region]

@@ -130,6 +130,9 @@ def test_training_pilot_judges_forward_and_backward() -> None:
             for _ in range(Planner.PILOT_FORWARDS):
                 p.observe("conv", fwd)
             assert p.watching("conv")  # forwards alone do not decide a layer planned for training
+            for _ in range(50):  # (forwards whose backward has not come yet are not kept without bound)
+                p.observe("conv", fwd)
+            assert len(p._pilot["conv"].forward) == Planner.PILOT_FORWARDS
             for _ in range(Planner.PILOT_FORWARDS):
                 p.observe("conv", bwd, "backward")
             assert not p.watching("conv")
