@@ -176,21 +176,19 @@ class ForwardPass:
             (the input's gradient unless it is the model's input, and the weight's) — best of 2: the pilot's
             yardstick."""
             best = float("inf")
-            xd = x.detach()
+            xi = x.detach().requires_grad_(training and v.op != "placeholder")
             for _ in range(2):
                 t0 = time.perf_counter()
                 for b in convs:
                     m = b.module
                     if not training:
                         with torch.no_grad():
-                            m._conv_forward(xd, m.weight, m.bias)
+                            m._conv_forward(xi, m.weight, m.bias)
                         continue
-                    xi = xd.requires_grad_(v.op != "placeholder")
                     w = m.weight.detach().requires_grad_(True)
                     with torch.enable_grad():
                         y = m._conv_forward(xi, w, None)
                         torch.autograd.grad(y, [xi, w] if xi.requires_grad else [w], torch.ones_like(y))
-                    xd = x.detach()
                 best = min(best, time.perf_counter() - t0)
             return best
 
@@ -229,7 +227,6 @@ class RegionCall:
         self.has_r: dict[fx.Node, bool] = {}
         self.grad_params: tuple[str, ...] = ()
         self.rank = 0
-        self.g_full: dict[fx.Node, Tensor] = {}
 
     def __del__(self) -> None:
         if getattr(self, "accel_live", False):
@@ -295,11 +292,15 @@ class RegionCall:
                 res = self._wait(span, fut) if fut is not None else {}
                 outs = self._merge(inputs, tparts, res)
         if accel_in and self.planner.watching(reg.name):
-            # the pilot's forwards are the first ones: noise was drawn on the critical path because the
-            # prefetch had not yet learned the order of the releases; from then on it is drawn ahead while
-            # the trusted side waits, so the trial counts the split's own cost (noise added, not drawn)
-            self.planner.observe(reg.name, span.elapsed - (self.release.noise_critical_s() - noise0))
+            self._observe(span, noise0, "forward")
         return outs
+
+    def _observe(self, span: Any, noise0: float, phase: str) -> None:
+        """Report this ``phase`` of the region to the planner's trial. The pilot's steps are the first
+        ones: noise was drawn on the critical path because the prefetch had not yet learned the order of
+        the releases; from then on it is drawn ahead while the trusted side waits, so the trial counts the
+        split's own cost (noise added, not drawn): the critical-path noise since ``noise0`` is deducted."""
+        self.planner.observe(self.reg.name, span.elapsed - (self.release.noise_critical_s() - noise0), phase)
 
     def _wait(self, span: Any, fut: Any) -> Any:
         """The accelerator's result; the wait is blocked time, during which the noise mechanism may
@@ -373,13 +374,13 @@ class RegionCall:
             # the whole output gradient where the accelerator's share of it is released exactly (no noise):
             # a weight gradient then reads it as it is, instead of rebuilding it as δ_L + δ_R (a full-size
             # expansion and an addition that also round)
-            exact = release.cfg.backward == "paper" or not (release.cfg.noise_grads and release.mechanism is not None)
-            self.g_full = {}
+            exact = release.cfg.backward == "paper" or not release.noises_gradients
+            whole: dict[fx.Node, Tensor] = {}
             for o, g in zip(reg.outputs, grads):
                 if g is None:
                     continue
                 if exact:
-                    self.g_full[o] = g
+                    whole[o] = g
                 if not self.has_r[o] or not self.accel_live:
                     dT[o] = tadd(dT.get(o), g)
                     continue
@@ -425,19 +426,19 @@ class RegionCall:
                         owned.discard(id(dT[a]))
             res = self._wait(span, fut) if fut is not None else {"input_grads": {}, "param_grads": {}, "value_grads": {},
                                                           "values": {}}
-            in_grads, pgrads = self._gradients(dT, res, owned)
+            in_grads, pgrads = self._gradients(dT, res, owned, whole)
         if piloted:
-            self.planner.observe(reg.name, span.elapsed - (release.noise_critical_s() - noise0), "backward")
+            self._observe(span, noise0, "backward")
         self.saved_t.clear()
-        self.g_full = {}
         return in_grads, pgrads
 
-    def _gradients(self, dT: dict[fx.Node, Any], res: dict[str, Any], owned: set[int] = frozenset()
-                   ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    def _gradients(self, dT: dict[fx.Node, Any], res: dict[str, Any], owned: set[int],
+                   whole: dict[fx.Node, Tensor]) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Combine the trusted gradient parts with the accelerator's results into input and parameter
         gradients (the accelerator's parameter share goes to the grad sink when one is set). ``owned``:
         ids of trusted gradient tensors made by this backward alone, which the accelerator's share is
-        added into in place (no full-size result of its own)."""
+        added into in place (no full-size result of its own); ``whole``: output gradients whose residual
+        the accelerator got exactly."""
         reg, rec = self.reg, self.recorder
         inner = {a for m in reg.nodes for a in reg.arg_nodes(m)}  # values read inside the region
         dA = res["value_grads"]
@@ -476,8 +477,8 @@ class RegionCall:
                 continue
             a = reg.arg_nodes(n)[0]
             d_t = tadd(dT.get(n), extra.get(n))
-            if n in self.g_full and n not in inner:
-                full = self.g_full[n]  # an output read by nothing else in the region: its whole gradient
+            if n in whole and n not in inner:
+                full = whole[n]  # an output read by nothing else in the region: its whole gradient
             else:
                 full = tadd(d_t, dA.get(n.name) if self.has_r[n] else None)
             if full is not None:

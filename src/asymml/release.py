@@ -150,8 +150,13 @@ class ReleasePath:
         if r >= min(C, H * W):
             return None, None
         f, h, _ = self._split_release(g.detach().reshape(B, C, H * W), r, g.shape, layer=layer,
-                                      kind="grad_residual", noised=self.cfg.noise_grads, keep_layout=True)
+                                      kind="grad_residual", noised=self.noises_gradients, keep_layout=True)
         return (Low(f, (H, W)) if r > 0 else None), h
+
+    @property
+    def noises_gradients(self) -> bool:
+        """Whether released gradient residuals carry noise (else the accelerator gets them exactly)."""
+        return self.cfg.noise_grads and self.mechanism is not None
 
     def whole(self, t: Tensor, *, layer: str, kind: str) -> Handle:
         """Release ``t`` as it is (``paper`` backward: the full output gradient)."""
