@@ -138,11 +138,12 @@ class Conv2dRule(WeightedRule):
         k = m.kernel_size
         kk = k[0] * k[1]
         C = U.shape[1]
-        # one GEMM (k²·O × C)·(C × B·r) for the whole batch: far faster than B skinny ones
-        fold = torch.mm(self._weight_cache(m, "kkoc"), U.transpose(0, 1).reshape(C, B * r))  # k²·O × B·r
+        # one GEMM (B·r × C)·(C × k²·O) for the whole batch (far faster than B skinny ones), whose result is
+        # already laid out (b, j, tap, o) as the batched GEMM below reads it: no transposing copy of the fold
+        fold = torch.mm(U.transpose(1, 2).reshape(B * r, C), self._weight_cache(m, "kkoc").t())  # B·r × k²·O
         bias = m.bias is not None
         Wf = torch.empty((B, r * kk + int(bias), O), dtype=fold.dtype)
-        Wf[:, : r * kk].view(B, r, kk, O).copy_(fold.view(kk, O, B, r).permute(2, 3, 0, 1))
+        Wf[:, : r * kk].copy_(fold.view(B, r * kk, O))
         if bias:
             Wf[:, r * kk] = m.bias.detach()
         cols = _im2col(t.Vmaps, k, m.padding, m.stride, m.dilation, ones_row=bias)
@@ -190,11 +191,13 @@ class Conv2dRule(WeightedRule):
         kk = k[0] * k[1]
         bias = m.bias is not None
         cols = _im2col(t.Vmaps, k, m.padding, ones_row=bias)  # B × (r·k² [+1]) × Ho·Wo
-        G = torch.bmm(delta.reshape(B, O, -1), cols.transpose(1, 2))  # B × O × (r·k² [+1])
-        gb = G[:, :, r * kk].sum(0) if bias else None
-        G = G[:, :, : r * kk].reshape(B, O, r, kk).permute(1, 3, 0, 2).reshape(O * kk, B * r)
-        gw = torch.mm(G, U.transpose(1, 2).reshape(B * r, C))  # O·k² × C
-        return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2), gb
+        # δ read pixel-major (a view of a channels-last δ; a transposed operand otherwise): the GEMM's result
+        # is laid out (b, j, tap, o), which the expansion below reads as one matrix without a transposing copy
+        Gt = torch.bmm(cols, delta.permute(0, 2, 3, 1).reshape(B, -1, O))  # B × (r·k² [+1]) × O
+        gb = Gt[:, r * kk].sum(0) if bias else None
+        Gt = Gt[:, : r * kk].reshape(B * r, kk * O)
+        gw = torch.mm(Gt.t(), U.transpose(1, 2).reshape(B * r, C))  # k²·O × C
+        return gw.view(k[0], k[1], O, C).permute(2, 3, 0, 1), gb
 
     @staticmethod
     def _lowrank_wgrad_grad(m: nn.Conv2d, r_in: Tensor, d: Low) -> Tensor:
