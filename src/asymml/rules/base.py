@@ -12,7 +12,7 @@ Trusted parts (``TPart``) are ``None`` (zero), :class:`Low` (factors ``U V``) or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,9 @@ class Low:
 
     f: Factors
     spatial: tuple[int, ...]
+    #: derived tensors several rules of one backward read (e.g. the im2col of ``V``), keyed by how they
+    #: were made; they live as long as this part
+    memo: dict[Any, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -27,12 +27,15 @@ def _conv_geom(m: nn.Conv2d) -> dict[str, Any]:
 
 
 def _im2col(maps: Tensor, k: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int] = (1, 1),
-            dilation: tuple[int, int] = (1, 1), ones_row: bool = False) -> Tensor:
+            dilation: tuple[int, int] = (1, 1), ones_row: bool = False, flip_taps: bool = False) -> Tensor:
     """``F.unfold`` of the few maps of a low-rank factor, as one strided copy of a padded view.
 
     Same layout as ``F.unfold`` (``B × r·kh·kw × Ho·Wo``); measured 4× faster than ``aten::im2col``
     at VGG shapes, which walks the kernel positions one by one. ``ones_row`` appends a row of ones, so
-    that a bias row appended to the weight matrix adds the bias inside the GEMM (no pass of its own)."""
+    that a bias row appended to the weight matrix adds the bias inside the GEMM (no pass of its own).
+    ``flip_taps`` lists the kernel positions in reverse (row ``(j, t)`` holds tap ``k−1−t``): the
+    transposed convolution's matrix, which then pairs with the weight's own tap order (no flipped copy of
+    the weight, nor of a weight gradient)."""
     B, r, H, W = maps.shape
     ph, pw = padding
     Ho = (H + 2 * ph - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
@@ -43,9 +46,27 @@ def _im2col(maps: Tensor, k: tuple[int, int], padding: tuple[int, int], stride: 
                        (sB, sr, sH * dilation[0], sW * dilation[1], sH * stride[0], sW * stride[1]))
     rows = r * k[0] * k[1]
     cols = torch.empty((B, rows + int(ones_row), Ho * Wo), dtype=maps.dtype)
-    cols[:, :rows].view(B, r, k[0], k[1], Ho, Wo).copy_(win)
+    dst = cols[:, :rows].view(B, r, k[0], k[1], Ho, Wo)
+    if flip_taps:
+        for i in range(k[0]):
+            for j in range(k[1]):
+                dst[:, :, i, j].copy_(win[:, :, k[0] - 1 - i, k[1] - 1 - j])
+    else:
+        dst.copy_(win)
     if ones_row:
         cols[:, rows].fill_(1.0)
+    return cols
+
+
+def _im2col_flipped_pad(d: Low, k: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """``_im2col`` of a low-rank gradient's maps at the transposed conv's padding ``k−1−p``, taps flipped,
+    made once per gradient: the input gradient and the weight gradient of one backward read the same
+    matrix. Row ``(j, t)`` holds ``Q_j`` shifted by weight tap ``t``: ``Q_j[xy + p − t]``."""
+    pad = (k[0] - 1 - padding[0], k[1] - 1 - padding[1])
+    key = ("im2col_flipped", k, pad)
+    cols = d.memo.get(key)
+    if cols is None:
+        cols = d.memo[key] = _im2col(d.Vmaps, k, pad, flip_taps=True)  # B × r·k² × H·W
     return cols
 
 
@@ -166,15 +187,16 @@ class Conv2dRule(WeightedRule):
     def _lowrank_convT_unfold(self, m: nn.Conv2d, d: Low, H: int, W: int) -> Tensor:
         """``convT(P_b Q_b, W)`` per sample as one batched GEMM, channels-last out (input gradient).
 
-        The transposed conv is a conv of the ``r`` maps of ``Q`` with the flipped kernel folded by
-        ``P``: ``Wt_b[(j, xy), c] = Σ_o P_b[o, j] W[o, c, flip(xy)]``; one GEMM folds it for the whole
-        batch and im2col of ``Q`` (``r`` maps only) feeds a batched GEMM, instead of a ``groups=B``
-        convolution with ``r`` input channels per group, which oneDNN runs memory-bound."""
+        The transposed conv is a conv of the ``r`` maps of ``Q`` with the kernel folded by ``P``:
+        ``Wt_b[(j, t), c] = Σ_o P_b[o, j] W[o, c, t]`` against the tap-flipped im2col of ``Q``; one GEMM
+        folds it for the whole batch and im2col of ``Q`` (``r`` maps only) feeds a batched GEMM, instead
+        of a ``groups=B`` convolution with ``r`` input channels per group, which oneDNN runs memory-bound."""
         P, B, r, C = d.f.U, d.f.V.shape[0], d.f.rank, m.in_channels
         k, p = m.kernel_size, m.padding
         kk = k[0] * k[1]
-        Wt = torch.mm(P.transpose(1, 2).reshape(B * r, -1), self._weight_cache(m, "oflipkkc"))  # B·r × k²·C
-        cols = _im2col(d.Vmaps, k, (k[0] - 1 - p[0], k[1] - 1 - p[1]))  # B × r·k² × H·W
+        O = m.out_channels
+        Wt = torch.mm(P.transpose(1, 2).reshape(B * r, -1), self._weight_okc(m).view(O, kk * C))  # B·r × k²·C
+        cols = _im2col_flipped_pad(d, k, p)  # B × r·k² × H·W
         y = torch.empty((B, C, H, W), dtype=Wt.dtype, memory_format=torch.channels_last)
         torch.bmm(cols.transpose(1, 2), Wt.view(B, r * kk, C), out=y.permute(0, 2, 3, 1).view(B, H * W, C))
         return y
@@ -203,32 +225,29 @@ class Conv2dRule(WeightedRule):
     def _lowrank_wgrad_grad(m: nn.Conv2d, r_in: Tensor, d: Low) -> Tensor:
         """``Σ_b R̃_b ⋆ (P_b Q_b)`` (the protected term ``R̃⋆δ_L``) with batched GEMMs.
 
-        ``H_b = im2col_flipped(Q_b) · R̃_bᵀ`` (``r·k² × C``) correlates the ``r`` maps of ``Q`` with the
-        residual, then one GEMM expands all ``H_b`` by their ``P_b``."""
+        ``H_b = im2col_flipped(Q_b) · R̃_bᵀ`` (``r·k² × C``, rows in the weight's tap order) correlates the
+        ``r`` maps of ``Q`` with the residual, then one GEMM expands all ``H_b`` by their ``P_b``."""
         P, B, r, O, C = d.f.U, d.f.V.shape[0], d.f.rank, m.out_channels, m.in_channels
         k, p = m.kernel_size, m.padding
         kk = k[0] * k[1]
-        cols = _im2col(d.Vmaps, k, (k[0] - 1 - p[0], k[1] - 1 - p[1]))  # B × r·k² × H·W
-        Hm = torch.bmm(cols, r_in.reshape(B, C, -1).transpose(1, 2))  # B × r·k² × C, taps flipped
+        cols = _im2col_flipped_pad(d, k, p)  # B × r·k² × H·W
+        Hm = torch.bmm(cols, r_in.reshape(B, C, -1).transpose(1, 2))  # B × r·k² × C
         gw = torch.mm(P.reshape(B, O, r).permute(1, 0, 2).reshape(O, B * r), Hm.view(B * r, kk * C))
-        return gw.view(O, k[0], k[1], C).flip(1, 2).permute(0, 3, 1, 2)
+        return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2)
 
     _okc_cache: dict[tuple[int, str], tuple[int, Any, Tensor]] = {}
 
     def _weight_cache(self, m: nn.Conv2d, layout: str) -> Tensor:
-        """The weight re-laid out as an ``(O·kh·kw, C)`` (``"okc"``), ``(kh·kw·O, C)`` (``"kkoc"``) or
-        flipped ``(O, kh·kw·C)`` (``"oflipkkc"``) matrix, cached per weight tensor and version (the entry
-        dies with the weight)."""
+        """The weight re-laid out as an ``(O·kh·kw, C)`` (``"okc"``, also read as ``(O, kh·kw·C)``) or
+        ``(kh·kw·O, C)`` (``"kkoc"``) matrix, cached per weight tensor and version (the entry dies with the
+        weight)."""
         w = m.weight
         key = (id(w), layout)
         hit = self._okc_cache.get(key)
         if hit is not None and hit[0] == w._version and hit[1]() is w:
             return hit[2]
-        if layout == "oflipkkc":  # (O, kh·kw·C) with the kernel flipped: the transposed conv's fold
-            mat = w.detach().flip(-1, -2).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-        else:
-            perm = (0, 2, 3, 1) if layout == "okc" else (2, 3, 0, 1)
-            mat = w.detach().permute(*perm).reshape(-1, w.shape[1]).contiguous()
+        perm = (0, 2, 3, 1) if layout == "okc" else (2, 3, 0, 1)
+        mat = w.detach().permute(*perm).reshape(-1, w.shape[1]).contiguous()
         if hit is None or hit[1]() is not w:
             weakref.finalize(w, self._okc_cache.pop, key, None)
         self._okc_cache[key] = (w._version, weakref.ref(w), public_state(mat))  # public: weights re-laid out
