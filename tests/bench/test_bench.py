@@ -434,10 +434,10 @@ def test_delivered_results_are_freed_without_garbage_collection() -> None:
 
 def test_default_warm_up_covers_the_planner_pilot() -> None:
     """Timed steps must run the planner's final decisions: the default warm-up (library and CLI alike) is
-    at least the pilot's forwards (fewer made the first timed rounds release different bytes)."""
+    at least the pilot's longest trial (fewer made the first timed rounds release different bytes)."""
     from asymml.bench.runner import BenchConfig
     from asymml.cli.main import build_parser
     from asymml.planner import Planner
 
-    assert BenchConfig().warmup >= Planner.PILOT_FORWARDS
+    assert BenchConfig().warmup >= Planner.PILOT_MAX_FORWARDS
     assert build_parser().parse_args(["bench"]).warmup == BenchConfig().warmup

@@ -98,7 +98,7 @@ class BenchConfig:
     micro_batch: int | None = _split_field("micro_batch")  # every trusted mode micro-batched (training: accumulated)
     repeats: int = 5
     rounds: int | None = None  # paired rounds; None: max(MIN_ROUNDS, repeats)
-    warmup: int = 2  # = the planner's pilot forwards (Planner.PILOT_FORWARDS): timed steps run its decisions
+    warmup: int = 4  # = the planner's longest trial (Planner.PILOT_MAX_FORWARDS): timed steps run its decisions
     device: str = "auto"
     speed_ratio: float = DEFAULT_SPEED_RATIO
     noise_sigma: float = 1.0

@@ -83,9 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="paired rounds (trusted-only and asym, shuffled per round; speed-up = median of per-round "
                         "ratios with a bootstrap 95%% interval) [default: max(15, repeats), more for small models "
                         "while a phase's paired steps fit in 20 s]")
-    m.add_argument("--warmup", type=int, default=2,
-                   help="un-timed steps per mode first; the default covers the cost-aware planner's pilot "
-                        "forwards, so timed steps run its final per-layer decisions [default: 2]")
+    m.add_argument("--warmup", type=int, default=4,
+                   help="un-timed steps per mode first; the default covers the cost-aware planner's longest "
+                        "trial, so timed steps run its final per-layer decisions [default: 4]")
     m.add_argument("--device", default="auto",
                    help="accelerator device: auto (cuda if present), cpu, cuda[:N] [default: auto]")
     m.add_argument("--threads", type=int, default=None,
