@@ -74,6 +74,21 @@ def test_runs_have_every_field_and_mode(result: dict) -> None:
     assert infer == {("plain", None), ("trusted-only", None), ("asym", None), ("noise-only", None)}
 
 
+def test_asym_runs_record_the_planners_decisions() -> None:
+    """Which layers ran split is part of what a speed-up means: every asym record carries the cost-aware
+    planner's per-layer decision with its predicted costs, other modes none."""
+    res = run_bench(_tiny(placement="auto", modes=("trusted-only", "asym"), phases=("infer",), repeats=1,
+                          rounds=1), log=lambda s: None)
+    for r in res["runs"]:
+        if r["mode"] != "asym":
+            assert r["planner"] is None
+            continue
+        assert r["planner"], "no decisions recorded"
+        for layer, d in r["planner"].items():
+            assert ":" in layer and isinstance(d["split"], bool) and d["dense_s"] > 0 and d["split_s"] > 0
+    assert "planner" in res["definitions"]
+
+
 def test_per_mode_semantics(result: dict) -> None:
     for r in result["runs"]:
         if r["mode"] == "plain":

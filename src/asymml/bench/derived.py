@@ -91,6 +91,11 @@ DEFINITIONS: dict[str, str] = {
         "read+write pass each at the calibrated bandwidth. Cycles are converted at this CPU's clock "
         "(environment.cpu_clock_hz). Constants and their published sources: environment.sgx1_constants. Not "
         "modelled: the memory-encryption engine's latency on EPC accesses."),
+    "planner": (
+        "asym only: the cost-aware planner's decision per layer (`layer:input`): `split`, the predicted "
+        "`dense_s`/`split_s` of its calibrated model and, where its trial ran, `measured_dense_s` (the dense "
+        "layer timed on the real input) and `measured_split_s` (best split forward, plus best backward in "
+        "training, of the trial's steps), seconds."),
     "asym_vs_plain": "step_s(asym) / step_s(plain) (end-to-end cost of the split vs. no privacy).",
     "end_to_end_speedup": "median over rounds of the per-round ratio step_s(trusted-only) / step_s(asym).",
     "projected_speedup": (

@@ -461,6 +461,12 @@ def _zero_grads(model: nn.Module) -> None:
         p.grad = None
 
 
+def _planner_decisions(sm: Any) -> dict[str, dict[str, Any]] | None:
+    """The cost-aware planner's last decision per layer, with what its trial measured (seconds)."""
+    planner = getattr(sm, "planner", None)
+    return None if planner is None else planner.decisions()
+
+
 def _ranks(sm: Any) -> dict[str, Any] | None:
     """Rank of every decomposition point of the last forward (None if the runtime does not report them)."""
     rs = getattr(sm, "release_stats", None)
@@ -942,6 +948,7 @@ class BenchRunner:
             "sgx1": self._sgx1(e, med["trusted_s"], ins),
             "step_checks": checks,
             "limit_fwd_conv_analytic": analytic if e.mode == "asym" else None,
+            "planner": _planner_decisions(e.sm) if e.mode == "asym" else None,
             "repeats": cfg.repeats, "rounds": self.rounds_run.get(phase, cfg.n_rounds()), "warmup": cfg.warmup,
             "serialized": self.serialize, "optimizer_step": cfg.optimizer_step and phase == "train",
             **({"layers": e.last["layers"]} if "layers" in e.last else {}),
