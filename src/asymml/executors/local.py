@@ -87,12 +87,16 @@ class LocalExecutor(Executor):
             return t
         return t.to(self.device, non_blocking=True)
 
-    def _home(self, t: Tensor | None) -> Tensor | None:
+    def _home(self, t: Tensor | None, *, own: bool = False) -> Tensor | None:
+        """``t`` on the trusted side's device. ``own``: the accelerator keeps ``t`` (a kept graph's output), so
+        an accelerator on the trusted side's own device hands over a copy, as a transfer from a device would:
+        the trusted side's result then dies when the trusted side drops it, not when the accelerator's graph
+        does (the copy is the accelerator's work)."""
         if t is None:
             return None
         t = t.detach()
         if t.device == self.home:
-            return t
+            return t.clone() if own else t
         return t.to(self.home)
 
     def _weights(self, params: dict[str, Tensor], layer: str) -> dict[str, Tensor]:
@@ -175,7 +179,7 @@ class LocalExecutor(Executor):
                 env = dict(xs)
                 with torch.no_grad():
                     run_program(program, env, weights)
-            return {o: self._home(env.get(o)) for o in outputs}
+            return {o: self._home(env.get(o), own=keep_graph) for o in outputs}
 
         fut = self._pool.submit(self._timed(layer, "forward", work))
         v = self.verifier
