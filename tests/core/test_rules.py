@@ -17,6 +17,7 @@ Each model places the op where the runtime feeds it every kind of trusted part:
 
 from __future__ import annotations
 
+import copy
 import operator
 import random
 import zlib
@@ -470,3 +471,27 @@ def test_bind_errors_propagate(monkeypatch) -> None:
     with pytest.raises(IndexError, match="bug in bind") as info:
         asymml.split(model)
     assert any("MeanRule.bind" in n for n in getattr(info.value, "__notes__", ["MeanRule.bind"]))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_low_rank_conv_made_a_few_samples_at_a_time_is_exact(monkeypatch, train: bool) -> None:
+    """The forward im2col of a low-rank input is made in chunks of samples when it is large (trusted
+    memory); forced here to one sample per chunk, outputs and gradients still equal the unsplit model's
+    (float64), merged into the accelerator's reply (inference) or into a fresh tensor (training)."""
+    from conftest import compare_with_reference
+
+    from asymml.rules import conv_linear
+
+    monkeypatch.setattr(conv_linear, "COLS_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(12, 6, 3, padding=1, bias=False)).double()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    if train:
+        out_err, grad_err, _, _ = compare_with_reference(model, x, rank=2)
+        assert out_err <= 1e-10 and grad_err <= 1e-10, (out_err, grad_err)
+    else:
+        ref = copy.deepcopy(model)
+        sm = asymml.split(model, rank=2, placement="split")
+        with torch.no_grad():
+            torch.testing.assert_close(sm(x), ref(x), rtol=1e-10, atol=1e-10)
