@@ -58,7 +58,7 @@ def _im2col(maps: Tensor, k: tuple[int, int], padding: tuple[int, int], stride: 
     return cols
 
 
-def _im2col_flipped_pad(d: Low, k: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+def _transposed_im2col(d: Low, k: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """``_im2col`` of a low-rank gradient's maps at the transposed conv's padding ``k−1−p``, taps flipped,
     made once per gradient: the input gradient and the weight gradient of one backward read the same
     matrix. Row ``(j, t)`` holds ``Q_j`` shifted by weight tap ``t``: ``Q_j[xy + p − t]``."""
@@ -177,7 +177,7 @@ class Conv2dRule(WeightedRule):
                                                       memory_format=torch.channels_last)
         yv = y.permute(0, 2, 3, 1).view(B, ho * wo, O)
         # the im2col is made a few samples at a time: at VGG-16's 224 px layer the whole batch's is 29 MiB of
-        # trusted memory beside the 98 MiB output, and the GEMM of a chunk is as fast
+        # trusted memory beside the 98 MiB output (a chunk's GEMM still has thousands of rows)
         per_sample = (r * kk + int(bias)) * ho * wo * Wf.element_size()
         step = max(1, min(B, COLS_CHUNK_BYTES // max(1, per_sample)))
         for b0 in range(0, B, step):
@@ -208,7 +208,7 @@ class Conv2dRule(WeightedRule):
         kk = k[0] * k[1]
         O = m.out_channels
         Wt = torch.mm(P.transpose(1, 2).reshape(B * r, -1), self._weight_okc(m).view(O, kk * C))  # B·r × k²·C
-        cols = _im2col_flipped_pad(d, k, p)  # B × r·k² × H·W
+        cols = _transposed_im2col(d, k, p)  # B × r·k² × H·W
         y = torch.empty((B, C, H, W), dtype=Wt.dtype, memory_format=torch.channels_last)
         torch.bmm(cols.transpose(1, 2), Wt.view(B, r * kk, C), out=y.permute(0, 2, 3, 1).view(B, H * W, C))
         return y
@@ -242,7 +242,7 @@ class Conv2dRule(WeightedRule):
         P, B, r, O, C = d.f.U, d.f.V.shape[0], d.f.rank, m.out_channels, m.in_channels
         k, p = m.kernel_size, m.padding
         kk = k[0] * k[1]
-        cols = _im2col_flipped_pad(d, k, p)  # B × r·k² × H·W
+        cols = _transposed_im2col(d, k, p)  # B × r·k² × H·W
         Hm = torch.bmm(cols, r_in.reshape(B, C, -1).transpose(1, 2))  # B × r·k² × C
         gw = torch.mm(P.reshape(B, O, r).permute(1, 0, 2).reshape(O, B * r), Hm.view(B * r, kk * C))
         return gw.view(O, k[0], k[1], C).permute(0, 3, 1, 2)
