@@ -4,8 +4,9 @@ For one (model, input size, batch size) the runner builds one :class:`~asymml.Sp
 (``plain``, ``trusted-only``, ``asym`` with each backward mode, ``noise-only``, and optional ``asym``
 variants with ``verify`` or noise), all on the same weights, then for each phase (``train``, ``infer``):
 
-1. ``warmup`` un-timed steps per mode (a trusted memory meter runs over them to find what survives a step:
-   persistent caches such as weight re-layouts and warm-start bases);
+1. ``warmup`` un-timed steps per mode (a trusted memory meter runs over the first and the last to find what
+   survives a step: persistent caches such as weight re-layouts and warm-start bases; the steps between run
+   bare, for the planner's trial to time);
 2. ``rounds`` rounds (at least :data:`MIN_ROUNDS`); in each round every paired mode (``trusted-only`` and
    every ``asym`` instance) runs one timed step, in an order shuffled per round, on a fresh batch drawn for
    that round (each mode gets its own copy); the context modes (``plain``, ``noise-only``) join the first
@@ -782,7 +783,12 @@ class BenchRunner:
             e.steps = []
         paired = [e for e in active if e.paired]
         context = [e for e in active if not e.paired]
-        for e in active:  # warm-up under a memory meter: what survives a step is persistent trusted state
+        # the first and the last warm-up step run under a memory meter: what they create and survives into the
+        # instrumented step is persistent trusted state (caches made once, warm-start bases made every step).
+        # The steps between run bare: the planner's trial times them (the meter's per-op bookkeeping slows a
+        # split, dozens of ops, far more than the one dense op it is compared with; a noised split's
+        # chunked noise addition several-fold)
+        for e in active:
             e.persist = AliasAwareMemoryMeter() if cfg.warmup > 0 and e.mode != "plain" else None
         if cfg.warmup == 0:
             msg = ("no warm-up: persistent trusted caches created before the instrumented step (weight re-layouts, "
@@ -790,11 +796,11 @@ class BenchRunner:
             if msg not in self.notes:
                 self.notes.append(msg)
         round_s = context_s = 0.0
-        for _ in range(cfg.warmup):
+        for w in range(cfg.warmup):
             xb, yb = self._batch(gen, batch, size, nc)
             round_s = context_s = 0.0
             for e in active:
-                if e.persist is not None:
+                if e.persist is not None and w in (0, cfg.warmup - 1):
                     with e.persist:
                         rec = self._timed_step(e, phase, xb.clone(), yb.clone())
                 else:
