@@ -266,6 +266,13 @@ def test_rounds_shuffle_modes_with_fresh_batches_and_variants(monkeypatch) -> No
     assert noisy["released_bytes"] > 0 and noisy["step_checks"]["released_match"]
 
 
+def _paired_infer(warmup: int) -> BenchConfig:
+    """A tiny trusted-only/asym inference bench of one round with ``warmup`` warm-up steps."""
+    return BenchConfig(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, phases=("infer",),
+                       modes=("trusted-only", "asym"), rounds=1, repeats=1, warmup=warmup, device="cpu",
+                       calibration=CAL, placement=PLACEMENT)
+
+
 def test_persistent_caches_and_received_results_count_as_trusted_memory(monkeypatch) -> None:
     cache: dict[str, torch.Tensor] = {}
     orig = BenchRunner._step
@@ -276,10 +283,7 @@ def test_persistent_caches_and_received_results_count_as_trusted_memory(monkeypa
         return orig(self, e, phase, x, y)
 
     monkeypatch.setattr(BenchRunner, "_step", step)
-    cfg = BenchConfig(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, phases=("infer",),
-                      modes=("trusted-only", "asym"), rounds=1, repeats=1, warmup=1, device="cpu",
-                      calibration=CAL, placement=PLACEMENT)
-    res = run_bench(cfg, log=lambda s: None)
+    res = run_bench(_paired_infer(warmup=1), log=lambda s: None)
     to = next(r for r in res["runs"] if r["mode"] == "trusted-only")
     assert to["persistent_bytes"] >= 2**20 and to["trusted_peak_bytes"] >= to["persistent_bytes"]
     a = next(r for r in res["runs"] if r["mode"] == "asym")
@@ -306,10 +310,7 @@ def test_warm_up_steps_between_the_first_and_last_run_without_the_memory_meter(m
         return orig(self, e, phase, x, y)
 
     monkeypatch.setattr(BenchRunner, "_step", step)
-    cfg = BenchConfig(models=["vgg11"], input_sizes=[8], batch_sizes=[2], width=0.125, phases=("infer",),
-                      modes=("trusted-only", "asym"), rounds=1, repeats=1, warmup=4, device="cpu",
-                      calibration=CAL, placement=PLACEMENT)
-    res = run_bench(cfg, log=lambda s: None)
+    res = run_bench(_paired_infer(warmup=4), log=lambda s: None)
     warm = [m for mode, m in seen if mode == "trusted-only"][:4]
     assert warm == [True, False, False, True]
     to = next(r for r in res["runs"] if r["mode"] == "trusted-only")
